@@ -1,0 +1,257 @@
+"""The VCAS controller: variance phase and the s / rho / nu updates (vcas-method.md §1.5–§1.8, §0).
+
+Every ``F`` optimizer steps the caller hands :meth:`VcasController.adapt` ``M`` fresh batches. For
+each batch it runs one exact backward and ``M`` SampleA-only backwards with independent draws and
+the same dropout masks, estimates
+
+- ``V_s``   = unbiased sample variance of the exact gradients over the ``M`` batches,
+- ``V_act`` = mean squared distance of the SampleA gradients to their batch's exact gradient,
+- ``V_w,l`` = mean analytic SampleW variance (Eq. 3) of linear ``l`` at its current ``nu``,
+
+on the weights of the sampled linears (optionally on a random subset of their entries), and then
+
+- ``s <- clip(s + alpha * sign(V_act - tau_act * V_s), 0, 1)``          (Eq. 5, sign(0) = +1)
+- ``rho <- ema * rho + (1 - ema) * envelope(p(s_new))``                   (Eq. 4 at the *new* s)
+- ``nu_l <- nu_l / beta`` if ``V_w,l > tau_w * V_s,l`` else ``nu_l * beta``, clamped to (0, 1].
+
+Gradients are taken with ``torch.autograd.grad``, so ``.grad`` (and any accumulated gradient) is
+never touched. Dropout masks are replayed by restoring the global RNG *state* captured before the
+exact pass inside ``torch.random.fork_rng``; nothing is ever reseeded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from vcas_bench.vcas.flops import phase_cost_ratio, step_cost_ratio
+from vcas_bench.vcas.sampling import find_top_sum, monotone_envelope
+from vcas_bench.vcas.wrap import Wrapped, unwrap, wrap
+
+__all__ = ["VcasConfig", "VcasController", "PhaseStats"]
+
+LossFn = Callable[[Any], torch.Tensor]
+
+
+@dataclass
+class VcasConfig:
+    """VCAS hyper-parameters; defaults are the paper's (§1.12)."""
+
+    tau_act: float = 0.025
+    tau_w: float = 0.025
+    alpha: float = 0.01
+    beta: float = 0.95
+    M: int = 2
+    F: int = 100
+    rho_ema: float = 0.6  # the authors' code smooths the rho schedule; 0 disables it
+    param_sample_ratio: float = 0.01  # fraction of weight entries used for the variance sums
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "tau_act": self.tau_act >= 0, "tau_w": self.tau_w >= 0, "alpha": 0 < self.alpha <= 1,
+            "beta": 0 < self.beta < 1, "M": self.M >= 2, "F": self.F >= 1,
+            "rho_ema": 0 <= self.rho_ema < 1, "param_sample_ratio": 0 < self.param_sample_ratio <= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid VCAS settings: {', '.join(f'{b}={getattr(self, b)}' for b in bad)}")
+
+
+@dataclass
+class PhaseStats:
+    """What one variance phase measured and decided."""
+
+    step: int
+    s: float
+    V_s: float
+    V_act: float
+    V_w: float
+    rho: list[float]
+    nu: list[float]
+    V_s_layer: list[float] = field(default_factory=list)
+    V_w_layer: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        """Flat scalars for logs: s, mean rho/nu, the variances and their ratios to V_s."""
+        ratio = (lambda v: v / self.V_s) if self.V_s > 0 else (lambda v: math.nan)
+        return {
+            "s": self.s, "rho_mean": sum(self.rho) / len(self.rho),
+            "nu_mean": sum(self.nu) / max(len(self.nu), 1), "V_s": self.V_s, "V_act": self.V_act,
+            "V_w": self.V_w, "V_act_over_V_s": ratio(self.V_act), "V_w_over_V_s": ratio(self.V_w),
+        }
+
+
+class VcasController:
+    """Wraps a model for VCAS and adapts its keep ratios.
+
+    Usage from any training loop::
+
+        vcas = VcasController(model, "BertLayer", VcasConfig(F=100))
+        for step, batch in enumerate(loader):
+            if vcas.should_adapt(step):
+                vcas.adapt(loss_fn, [next(extra) for _ in range(vcas.config.M)], step)
+            loss_fn(batch).backward()          # sampled backward at the current rho / nu
+            optimizer.step(); optimizer.zero_grad()
+            vcas.count_step()
+    """
+
+    def __init__(self, model: nn.Module, block_type: type | str, config: VcasConfig | None = None) -> None:
+        self.config = config or VcasConfig()
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.wrapped: Wrapped = wrap(model, block_type, self.generator)
+        self.sampler = self.wrapped.sampler
+        self.s = 1.0
+        self.history: list[PhaseStats] = []
+        self.steps = 0
+        self.phases = 0
+        self.cost_units = 0.0  # analytic FLOPs spent, in units of one exact FP+BP (§1.11)
+
+    # -- public API ----------------------------------------------------------------------------
+    @property
+    def rho(self) -> list[float]:
+        return list(self.sampler.rho)
+
+    @property
+    def nu(self) -> list[float]:
+        return [slot.nu for slot in self.sampler.linears]
+
+    def should_adapt(self, step: int) -> bool:
+        """Algorithm 1 adapts at optimizer steps 0, F, 2F, ..."""
+        return step % self.config.F == 0
+
+    def count_step(self) -> None:
+        """Record one sampled training step for the analytic FLOPs ratio."""
+        self.steps += 1
+        self.cost_units += step_cost_ratio(self.sampler.rho, self._nu_per_block())
+
+    def analytic_flops_ratio(self) -> float:
+        """Analytic FLOPs spent so far relative to exact training of the same steps (§1.11)."""
+        return self.cost_units / self.steps if self.steps else math.nan
+
+    def unwrap(self) -> nn.Module:
+        return unwrap(self.wrapped)
+
+    def adapt(self, loss_fn: LossFn, batches: Iterable[Any], step: int = 0) -> PhaseStats:
+        """Run one variance phase on ``M`` batches and update s, rho and nu."""
+        batches = list(batches)
+        if len(batches) != self.config.M:
+            raise ValueError(f"adapt needs M={self.config.M} batches, got {len(batches)}")
+        self.cost_units += phase_cost_ratio(self.sampler.rho, self.config.M)
+        stats = self._estimate(loss_fn, batches)
+        self._update(stats, step)
+        self.phases += 1
+        return self.history[-1]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": asdict(self.config), "s": self.s, "rho": self.rho, "nu": self.nu,
+            "steps": self.steps, "phases": self.phases, "cost_units": self.cost_units,
+            "generator": self.generator.get_state(), "history": [asdict(h) for h in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.s, self.steps, self.phases = state["s"], state["steps"], state["phases"]
+        self.cost_units = state["cost_units"]
+        self.sampler.rho = list(state["rho"])
+        for slot, nu in zip(self.sampler.linears, state["nu"], strict=True):
+            slot.nu = nu
+        self.generator.set_state(state["generator"])
+        self.history = [PhaseStats(**h) for h in state["history"]]
+
+    # -- variance phase ------------------------------------------------------------------------
+    def _estimate(self, loss_fn: LossFn, batches: list[Any]) -> dict[str, Any]:
+        cfg, sampler = self.config, self.sampler
+        weights = self.wrapped.linear_weights
+        entries = [self._entry_subset(w) for w in weights]
+        sum_g = [torch.zeros(len(e), device=w.device) for e, w in zip(entries, weights)]
+        sum_g2 = [torch.zeros_like(t) for t in sum_g]
+        act_sq = torch.zeros(len(weights), dtype=torch.float64)
+        alpha = cfg.alpha
+        candidates = {+1: torch.zeros(sampler.num_blocks), -1: torch.zeros(sampler.num_blocks)}
+        for slot in sampler.linears:
+            slot.weight_variance = 0.0
+        for batch in batches:
+            rng_before = _rng_state()
+            g_exact = self._pass(loss_fn, batch, weights, entries, exact=True)
+            for sign in (+1, -1):
+                s_cand = min(max(self.s + sign * alpha, 0.0), 1.0)
+                candidates[sign] += torch.tensor([find_top_sum(n, s_cand) for n in sampler.norms])
+            for g, t, t2 in zip(g_exact, sum_g, sum_g2):
+                t += g
+                t2 += g.square()
+            for _ in range(cfg.M):
+                with torch.random.fork_rng(devices=_cuda_devices(weights)):
+                    _set_rng_state(rng_before)  # same dropout masks as the exact pass
+                    g_act = self._pass(loss_fn, batch, weights, entries, exact=False)
+                act_sq += torch.tensor([(a - e).square().sum().item() for a, e in zip(g_act, g_exact)],
+                                       dtype=torch.float64)
+        M, r = cfg.M, cfg.param_sample_ratio
+        V_s_layer = [float(((t2 - t.square() / M).sum() / (M - 1)) / r) for t, t2 in zip(sum_g, sum_g2)]
+        V_w_layer = [slot.weight_variance / M**2 for slot in sampler.linears]
+        return {
+            "V_s_layer": V_s_layer, "V_w_layer": V_w_layer,
+            "V_act": float(act_sq.sum()) / (M**2 * r),
+            "p": {sign: (c / M).tolist() for sign, c in candidates.items()},
+        }
+
+    def _pass(self, loss_fn: LossFn, batch: Any, weights, entries, exact: bool) -> list[torch.Tensor]:
+        """One forward + backward; returns the sampled entries of each linear weight's gradient."""
+        sampler = self.sampler
+        saved = (sampler.sample_activations, sampler.sample_weights)
+        sampler.sample_activations, sampler.sample_weights = not exact, False
+        sampler.record_norms, sampler.record_weight_variance = exact, not exact
+        try:
+            grads = torch.autograd.grad(loss_fn(batch), weights)
+        finally:
+            sampler.sample_activations, sampler.sample_weights = saved
+            sampler.record_norms = sampler.record_weight_variance = False
+        return [g.detach().flatten()[e].float() for g, e in zip(grads, entries)]
+
+    def _entry_subset(self, weight: torch.Tensor) -> torch.Tensor:
+        n = weight.numel()
+        k = max(1, round(n * self.config.param_sample_ratio))
+        if k >= n:
+            return torch.arange(n, device=weight.device)
+        return torch.randperm(n, generator=self.generator)[:k].to(weight.device)
+
+    # -- updates -------------------------------------------------------------------------------
+    def _update(self, est: dict[str, Any], step: int) -> None:
+        cfg, sampler = self.config, self.sampler
+        V_s = sum(est["V_s_layer"])
+        direction = +1 if est["V_act"] - cfg.tau_act * V_s >= 0 else -1
+        self.s = min(max(self.s + direction * cfg.alpha, 0.0), 1.0)
+        target = monotone_envelope(est["p"][direction])
+        sampler.rho = [cfg.rho_ema * old + (1 - cfg.rho_ema) * new for old, new in zip(sampler.rho, target)]
+        for slot, v_w, v_s in zip(sampler.linears, est["V_w_layer"], est["V_s_layer"]):
+            slot.nu = min(1.0, slot.nu / cfg.beta) if v_w > cfg.tau_w * v_s else slot.nu * cfg.beta
+        self.history.append(PhaseStats(
+            step=step, s=self.s, V_s=V_s, V_act=est["V_act"], V_w=sum(est["V_w_layer"]),
+            rho=self.rho, nu=self.nu, V_s_layer=est["V_s_layer"], V_w_layer=est["V_w_layer"],
+        ))
+
+    def _nu_per_block(self) -> list[list[float]]:
+        per_block: list[list[float]] = [[] for _ in range(self.sampler.num_blocks)]
+        for slot in self.sampler.linears:
+            per_block[slot.block].append(slot.nu)
+        return per_block
+
+
+def _cuda_devices(tensors: list[torch.Tensor]) -> list[int]:
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+
+
+def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
