@@ -76,6 +76,7 @@ class PhaseStats:
     nu: list[float]
     V_s_layer: list[float] = field(default_factory=list)
     V_w_layer: list[float] = field(default_factory=list)
+    cost: float = 0.0  # analytic FLOPs of the phase, in exact FP+BP steps
 
     def summary(self) -> dict[str, float]:
         """Flat scalars for logs: s, mean rho/nu, the variances and their ratios to V_s."""
@@ -84,6 +85,7 @@ class PhaseStats:
             "s": self.s, "rho_mean": sum(self.rho) / len(self.rho),
             "nu_mean": sum(self.nu) / max(len(self.nu), 1), "V_s": self.V_s, "V_act": self.V_act,
             "V_w": self.V_w, "V_act_over_V_s": ratio(self.V_act), "V_w_over_V_s": ratio(self.V_w),
+            "phase_cost": self.cost,
         }
 
 
@@ -125,10 +127,18 @@ class VcasController:
         """Algorithm 1 adapts at optimizer steps 0, F, 2F, ..."""
         return step % self.config.F == 0
 
+    def step_cost(self) -> float:
+        """Analytic FLOPs of one training step at the current rho / nu, relative to exact (§1.11)."""
+        return step_cost_ratio(self.sampler.rho, self._nu_per_block())
+
+    def phase_cost(self) -> float:
+        """Analytic FLOPs of one variance phase at the current rho, in exact FP+BP steps (§1.11)."""
+        return phase_cost_ratio(self.sampler.rho, self.config.M)
+
     def count_step(self) -> None:
         """Record one sampled training step for the analytic FLOPs ratio."""
         self.steps += 1
-        self.cost_units += step_cost_ratio(self.sampler.rho, self._nu_per_block())
+        self.cost_units += self.step_cost()
 
     def analytic_flops_ratio(self) -> float:
         """Analytic FLOPs spent so far relative to exact training of the same steps (§1.11)."""
@@ -142,9 +152,10 @@ class VcasController:
         batches = list(batches)
         if len(batches) != self.config.M:
             raise ValueError(f"adapt needs M={self.config.M} batches, got {len(batches)}")
-        self.cost_units += phase_cost_ratio(self.sampler.rho, self.config.M)
+        cost = self.phase_cost()
+        self.cost_units += cost
         stats = self._estimate(loss_fn, batches)
-        self._update(stats, step)
+        self._update(stats, step, cost)
         self.phases += 1
         return self.history[-1]
 
@@ -221,7 +232,7 @@ class VcasController:
         return torch.randperm(n, generator=self.generator)[:k].to(weight.device)
 
     # -- updates -------------------------------------------------------------------------------
-    def _update(self, est: dict[str, Any], step: int) -> None:
+    def _update(self, est: dict[str, Any], step: int, cost: float) -> None:
         cfg, sampler = self.config, self.sampler
         V_s = sum(est["V_s_layer"])
         direction = +1 if est["V_act"] - cfg.tau_act * V_s >= 0 else -1
@@ -232,7 +243,7 @@ class VcasController:
             slot.nu = min(1.0, slot.nu / cfg.beta) if v_w > cfg.tau_w * v_s else slot.nu * cfg.beta
         self.history.append(PhaseStats(
             step=step, s=self.s, V_s=V_s, V_act=est["V_act"], V_w=sum(est["V_w_layer"]),
-            rho=self.rho, nu=self.nu, V_s_layer=est["V_s_layer"], V_w_layer=est["V_w_layer"],
+            rho=self.rho, nu=self.nu, V_s_layer=est["V_s_layer"], V_w_layer=est["V_w_layer"], cost=cost,
         ))
 
     def _nu_per_block(self) -> list[list[float]]:

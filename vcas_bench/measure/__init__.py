@@ -1,0 +1,1 @@
+"""Measurement: synchronized timers, memory, and (see :mod:`vcas_bench.measure.flops`) FLOPs."""

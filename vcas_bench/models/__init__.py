@@ -1,0 +1,127 @@
+"""Model registry: each builder returns a `ModelBundle` (the network plus what the runner needs to feed it).
+
+Builders live in `bert.py` (text) and `vit.py` (image) and register under the names used in `conf/model/`.
+`block_type` names the repeated transformer block class that VCAS wraps (VCAS paper, Sec. 4: activation
+sampling is applied per block), so the runner can find blocks with `type(m).__name__ == block_type`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import logging as hf_logging
+
+from vcas_bench.registry import Registry
+
+__all__ = ["MODELS", "MODEL_MODALITIES", "ModelBundle", "create_model", "register_model", "load_pretrained"]
+
+MODELS = Registry("model")
+# name -> "text" | "image", known without building, so tasks can list compatible models in errors.
+MODEL_MODALITIES: dict[str, str] = {}
+
+
+@dataclass
+class ModelBundle:
+    """A built model and how to run it.
+
+    Attributes:
+        model: The network, in train mode as built.
+        block_type: Class name of the repeated block VCAS wraps, e.g. "BertLayer", "ViTLayer", "Block".
+        modality: "text" or "image".
+        logits_fn: `(model, batch) -> logits` of shape (N, num_labels); batch is a dict of tensors.
+        tokenizer: Tokenizer for text models, else None.
+        image_size: Expected input height = width for image models, else None.
+        num_channels: Expected input channels for image models, else None.
+    """
+
+    model: nn.Module
+    block_type: str
+    modality: str
+    logits_fn: Callable[[nn.Module, dict], torch.Tensor]
+    tokenizer: Any | None = None
+    image_size: int | None = None
+    num_channels: int | None = None
+
+
+def register_model(
+    name: str, modality: str
+) -> Callable[[Callable[..., ModelBundle]], Callable[..., ModelBundle]]:
+    """Register a builder in `MODELS` and record its modality.
+
+    Args:
+        name: Registry name, as used by `model=<name>` on the command line.
+        modality: "text" or "image".
+    """
+
+    def decorator(builder: Callable[..., ModelBundle]) -> Callable[..., ModelBundle]:
+        MODEL_MODALITIES[name] = modality
+        return MODELS.register(name)(builder)
+
+    return decorator
+
+
+def create_model(name: str, num_labels: int, **kwargs: Any) -> ModelBundle:
+    """Build a registered model.
+
+    Args:
+        name: Registered model name (see `MODELS.names()`).
+        num_labels: Size of the classification head.
+        **kwargs: Flat builder arguments, e.g. `path=`, `dropout=`.
+
+    Raises:
+        KeyError: Unknown name; the message lists the valid names.
+    """
+    return MODELS.create(name, num_labels=num_labels, **kwargs)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' load report ("newly initialized classifier") and weight-loading bar.
+
+    A fresh head is the point of fine-tuning, so the report is noise in benchmark logs.
+    """
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def load_pretrained(cls: Any, checkpoint: str, path: str | None, **kwargs: Any) -> Any:
+    """`cls.from_pretrained` from `path` (a local dir) or the hub name, with one clear error offline.
+
+    Args:
+        cls: A transformers class with `from_pretrained` (model or tokenizer).
+        checkpoint: Hub name, e.g. "bert-base-uncased"; named in the error.
+        path: Local directory that overrides `checkpoint`, or None.
+        **kwargs: Passed to `from_pretrained` (e.g. `num_labels`, config overrides).
+
+    Raises:
+        FileNotFoundError: `path` is not a directory, or the checkpoint is neither cached nor downloadable.
+    """
+    how = "download it once while online, or point at a local copy with model.path=/local/dir"
+    if path is not None and not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"model.path={path!r} is not a directory; expected a local copy of {checkpoint}"
+        )
+    try:
+        with _quiet_transformers():
+            return cls.from_pretrained(path or checkpoint, **kwargs)
+    except OSError as err:  # transformers raises OSError for "not cached and offline"
+        raise FileNotFoundError(
+            f"cannot load checkpoint {checkpoint!r} (not cached, no network): {how}"
+        ) from err
+
+
+# Imported last so the builders can use the names above while registering.
+from vcas_bench.models import bert, vit  # noqa: E402, F401

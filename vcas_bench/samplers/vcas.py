@@ -1,0 +1,87 @@
+"""``vcas``: the runner's adapter around :mod:`vcas_bench.vcas` (the method lives there, not here)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from vcas_bench.samplers import SAMPLERS, LossFn, StepStats, mean_loss_backward
+from vcas_bench.vcas import VcasConfig, VcasController
+
+
+def default_update_period(total_steps: int) -> int:
+    """The paper's rule F = min(500, steps / 50): about 50 adaptations per run (App. A.3)."""
+    return max(1, min(500, total_steps // 50))
+
+
+@SAMPLERS.register("vcas")
+class VcasSampler:
+    """Variance-controlled adaptive sampling of activation and weight gradients."""
+
+    name = "vcas"
+
+    @dataclass
+    class Settings:
+        """Paper defaults (vcas-method.md §1.12); ``F: null`` applies :func:`default_update_period`."""
+
+        tau: float = 0.025  # sets tau_act and tau_w together unless they are given
+        tau_act: float | None = None
+        tau_w: float | None = None
+        alpha: float = 0.01
+        beta: float = 0.95
+        M: int = 2
+        F: int | None = None
+        rho_ema: float = 0.6
+        param_sample_ratio: float = 0.01
+
+        def __post_init__(self) -> None:
+            self.to_config(F=1)  # range checks live in VcasConfig
+
+        def to_config(self, F: int, seed: int = 0) -> VcasConfig:
+            fields = asdict(self)
+            tau = fields.pop("tau")
+            fields["tau_act"] = tau if self.tau_act is None else self.tau_act
+            fields["tau_w"] = tau if self.tau_w is None else self.tau_w
+            fields["F"] = F
+            return VcasConfig(**fields, seed=seed)
+
+    def __init__(self, settings: Settings, seed: int = 0) -> None:
+        self.settings, self.seed = settings, seed
+        self.controller: VcasController | None = None
+
+    def attach(self, model: nn.Module, block_type: str, total_steps: int) -> None:
+        F = self.settings.F or default_update_period(total_steps)
+        self.controller = VcasController(model, block_type, self.settings.to_config(F, self.seed))
+
+    def step(self, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> StepStats:
+        ctl = self.controller
+        cost = ctl.step_cost()
+        losses, _ = loss_fn(batch)
+        loss = mean_loss_backward(losses)
+        ctl.count_step()
+        kept = ctl.sampler.kept_fraction
+        return StepStats(loss=loss, keep_ratio=kept[0], analytic_cost=cost,
+                         extra={"keep_top": kept[-1], "s": ctl.s})
+
+    def maybe_adapt(self, step: int, loss_fn: LossFn, next_batch: Callable[[], Any]) -> dict[str, Any] | None:
+        ctl = self.controller
+        if not ctl.should_adapt(step):
+            return None
+        batches = [next_batch() for _ in range(ctl.config.M)]
+        stats = ctl.adapt(lambda b: loss_fn(b)[0].mean(), batches, step)
+        return {"step": step, **stats.summary(), "rho": stats.rho, "nu": stats.nu,
+                "V_s_layer": stats.V_s_layer, "V_w_layer": stats.V_w_layer}
+
+    def detach(self) -> None:
+        if self.controller is not None:
+            self.controller.unwrap()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.controller.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.controller.load_state_dict(state)

@@ -1,0 +1,1 @@
+"""Training: small builders, the one loop, and ``run(cfg)`` that drives a comparison."""

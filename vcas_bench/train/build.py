@@ -1,0 +1,107 @@
+"""Small builders, each returning one object the training loop needs (torchtune-style setup)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from vcas_bench.models import ModelBundle
+
+Batch = dict[str, torch.Tensor]
+
+
+def build_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
+    return torch.device(name)
+
+
+def build_train_loader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
+    """Shuffled with its own generator, so every sampler of a comparison sees the same data order."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=True)
+
+
+def build_extra_batches(dataset: Dataset, batch_size: int, seed: int) -> Callable[[], Batch]:
+    """Fresh random batches for variance phases, from their own loader: the training order is untouched."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(seed + 1_000_003))
+    stream: Iterator[Batch] = itertools.chain.from_iterable(itertools.repeat(loader))
+    return lambda: next(stream)
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float):
+    """AdamW / Adam / SGD; no weight decay on biases and LayerNorm weights (the BERT recipe)."""
+    decay, no_decay = [], []
+    for pname, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+
+
+def build_scheduler(optimizer, schedule: str, total_steps: int, warmup_ratio: float):
+    """Linear warm-up then linear decay to 0 (HF's ``get_linear_schedule_with_warmup``), or constant."""
+    warmup = math.ceil(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_loss_fn(bundle: ModelBundle, device: torch.device) -> Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]:
+    """``batch -> (per-example cross-entropy (N,), logits)``, moving the batch to ``device``."""
+
+    def loss_fn(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        logits = bundle.logits_fn(bundle.model, batch)
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="none"), logits
+
+    return loss_fn
+
+
+@torch.no_grad()
+def evaluate(bundle: ModelBundle, loader: DataLoader, device: torch.device) -> dict[str, float]:
+    """Accuracy and mean loss over the whole eval set, in eval mode (dropout off)."""
+    model = bundle.model
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = bundle.logits_fn(model, batch).float()
+        loss_sum += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+        correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        total += len(batch["labels"])
+    model.train(was_training)
+    return {"eval_accuracy": correct / total, "eval_loss": loss_sum / total}
+
+
+def planned_steps(num_train: int, batch_size: int, epochs: float, max_steps: int | None) -> tuple[int, int]:
+    """(total optimizer steps, steps per epoch) for ``epochs`` over ``num_train`` rows, capped."""
+    per_epoch = max(1, num_train // batch_size)
+    total = max(1, math.ceil(per_epoch * epochs))
+    return (min(total, max_steps) if max_steps else total), per_epoch
+
+
+def optimizer_state(optimizer) -> dict[str, Any]:
+    return {"lr": optimizer.param_groups[0]["lr"]}

@@ -1,0 +1,171 @@
+"""``run(cfg)``: one comparison = the same task, model, seed and data order once per sampler.
+
+The baselines (``exact`` by default) run first, so the sampler under test can report Time↓ and
+FLOPs↓ against them. Each run writes ``metrics.json``, ``train_log.csv`` and ``sampler_log.csv``
+into ``<output dir>/<sampler>/``; the comparison writes ``comparison.{md,csv,json}`` beside them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from vcas_bench.measure.timers import peak_memory_mb, reset_peak_memory
+from vcas_bench.models import create_model
+from vcas_bench.report.files import write_csv, write_json
+from vcas_bench.report.table import comparison_rows, markdown_table
+from vcas_bench.samplers import create_sampler
+from vcas_bench.tasks import create_task
+from vcas_bench.train import build
+from vcas_bench.train.loop import train
+
+log = logging.getLogger(__name__)
+
+
+def sampler_specs(cfg: DictConfig, conf_dir: Path | None) -> list[dict[str, Any]]:
+    """The samplers of this comparison, baselines first, each as ``{"name": ..., **settings}``."""
+    main = OmegaConf.to_container(cfg.sampler, resolve=True)
+    specs = []
+    for name in cfg.baselines:
+        if name != main["name"]:
+            path = conf_dir / "sampler" / f"{name}.yaml" if conf_dir else None
+            specs.append(OmegaConf.to_container(OmegaConf.load(path)) if path and path.exists() else {"name": name})
+    return [*specs, main]
+
+
+def run(cfg: DictConfig, out_dir: Path, conf_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Run every sampler of the comparison; return their metrics (the last one is ``cfg.sampler``)."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    datasets.disable_progress_bars()  # tokenising a few thousand rows needs no bar of its own
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    results: list[dict[str, Any]] = []
+    for spec in sampler_specs(cfg, conf_dir):
+        metrics = run_one(cfg, spec, out_dir / spec["name"], reference=results[0] if results else None)
+        results.append(metrics)
+    rows = comparison_rows(results)
+    write_csv(out_dir / "comparison.csv", rows)
+    write_json(out_dir / "comparison.json", {"rows": rows})
+    table = markdown_table(rows)
+    (out_dir / "comparison.md").write_text(table + "\n")
+    print(table)
+    return results
+
+
+def run_one(cfg: DictConfig, spec: dict[str, Any], run_dir: Path, reference: dict[str, Any] | None) -> dict[str, Any]:
+    """Train one sampler from scratch with the comparison's seed; write and return its metrics."""
+    started = time.perf_counter()
+    settings = {k: v for k, v in spec.items() if k != "name"}
+    device = build.build_device(cfg.trainer.device)
+    torch.manual_seed(cfg.seed)  # same model init and dropout stream for every sampler of a comparison
+    bundle, data = _build_model_and_data(cfg)
+    bundle.model.to(device)
+    batch_size = cfg.task.batch_size
+    total_steps, per_epoch = build.planned_steps(len(data.train), batch_size, cfg.task.epochs,
+                                                  cfg.trainer.max_steps)
+    if spec["name"] == "vcas" and settings.get("F") is None and cfg.task.vcas_F:
+        settings["F"] = cfg.task.vcas_F
+    sampler = create_sampler(spec["name"], seed=cfg.seed, **settings)
+    sampler.attach(bundle.model, cfg.model.block_type, total_steps)
+    optim = cfg.model.optim
+    optimizer = build.build_optimizer(bundle.model, optim.name, optim.lr, optim.weight_decay, optim.momentum)
+    scheduler = build.build_scheduler(optimizer, optim.schedule, total_steps, optim.warmup_ratio)
+    eval_loader = DataLoader(data.eval, batch_size=cfg.task.eval_batch_size)
+    reset_peak_memory(device)
+    try:
+        result = train(
+            bundle.model, sampler, build.build_loss_fn(bundle, device),
+            build.build_train_loader(data.train, batch_size, cfg.seed),
+            build.build_extra_batches(data.train, batch_size, cfg.seed), optimizer, scheduler, total_steps,
+            evaluate=lambda: build.evaluate(bundle, eval_loader, device), device=device,
+            max_grad_norm=optim.max_grad_norm, progress=cfg.trainer.progress,
+            on_step=_wandb_logger(cfg, spec["name"], run_dir),
+        )
+    finally:
+        sampler.detach()
+    metrics = _metrics(cfg, spec, result, device, total_steps, per_epoch, reference)
+    metrics["wall_clock_s"] = time.perf_counter() - started
+    write_json(run_dir / "metrics.json", metrics)
+    write_csv(run_dir / "train_log.csv", result.train_log)
+    if result.phase_log:
+        write_csv(run_dir / "sampler_log.csv", [_flatten(p) for p in result.phase_log])
+    return metrics
+
+
+def _build_model_and_data(cfg: DictConfig):
+    task_args = OmegaConf.to_container(cfg.task.args, resolve=True)
+    model_args = OmegaConf.to_container(cfg.model.args, resolve=True)
+    bundle = create_model(cfg.model.name, num_labels=cfg.task.num_labels, **model_args)
+    data = create_task(cfg.task.name, bundle=bundle, model_name=cfg.model.name, seed=cfg.seed, **task_args)
+    if data.num_labels != cfg.task.num_labels:
+        raise ValueError(f"task {cfg.task.name!r} has {data.num_labels} labels but task.num_labels="
+                         f"{cfg.task.num_labels}")
+    return bundle, data
+
+
+def final_train_loss(losses: list[float]) -> float:
+    """Mean over the last 1% of steps, or the last 10 steps when that is more."""
+    window = max(10, len(losses) // 100)
+    tail = losses[-window:]
+    return sum(tail) / len(tail)
+
+
+def _metrics(cfg, spec, result, device, total_steps, per_epoch, reference) -> dict[str, Any]:
+    timer = result.timer
+    train_time = timer.total()
+    analytic = result.analytic_cost / result.steps
+    metrics = {
+        "task": cfg.task.name, "model": cfg.model.name, "sampler": spec["name"], "seed": cfg.seed,
+        "steps": result.steps, "steps_per_epoch": per_epoch, "batch_size": cfg.task.batch_size,
+        "sampler_settings": {k: v for k, v in spec.items() if k != "name"},
+        "final_train_loss": final_train_loss([r["loss"] for r in result.train_log]),
+        **{k: v for k, v in result.evals[-1].items() if k.startswith("eval_")},
+        "evals": result.evals,
+        "train_time_s": train_time,
+        "time_forward_backward_s": timer.seconds["forward_backward"],
+        "time_optimizer_s": timer.seconds["optimizer"],
+        "time_adapt_s": timer.seconds["adapt"],
+        "timed_steps": timer.counts["forward_backward"],
+        "keep_ratio_mean": sum(r["keep_ratio"] for r in result.train_log) / result.steps,
+        "analytic_flops_ratio": analytic,
+        "flops_reduction_analytic": 1 - analytic,
+        "adapt_phases": len(result.phase_log),
+        "device": str(device),
+        **peak_memory_mb(device),
+    }
+    if result.phase_log:
+        last = result.phase_log[-1]
+        metrics.update({f"final_{k}": last[k] for k in ("s", "rho_mean", "nu_mean", "V_act_over_V_s",
+                                                           "V_w_over_V_s") if k in last})
+        metrics["final_rho"], metrics["final_nu"] = last.get("rho"), last.get("nu")
+    if reference is not None:
+        metrics["time_reduction"] = 1 - train_time / reference["train_time_s"]
+    return metrics
+
+
+def _flatten(phase: dict[str, Any]) -> dict[str, Any]:
+    flat = {}
+    for key, value in phase.items():
+        if isinstance(value, list):
+            flat.update({f"{key}_{i}": v for i, v in enumerate(value)})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _wandb_logger(cfg: DictConfig, name: str, run_dir: Path):
+    if cfg.logger != "wandb":
+        return None
+    import wandb  # optional dependency: only imported when asked for
+
+    run = wandb.init(project="vcas-bench", name=f"{cfg.task.name}-{cfg.model.name}-{name}", dir=str(run_dir),
+                     config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous")
+    return lambda row: run.log(row, step=row["step"])
