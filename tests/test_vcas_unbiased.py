@@ -9,8 +9,11 @@ The statistic (per parameter tensor, "group")
 For the ``n`` draws ``X (n, E)`` of a group and its exact gradient ``g``:
 
 - entries whose exact and sampled gradients are all exactly 0 are dropped (trivially unbiased);
-- entries whose draws do not vary (sd <= 1e-6 * group scale) are *deterministic*: they must equal the
-  exact gradient to float32 tolerance (1e-5 * group scale), otherwise the group fails outright;
+- with ``G`` the largest exact gradient entry of the whole model, entries whose draws do not vary
+  beyond float32 rounding (sd <= 1e-7 G) are *deterministic*: they must equal the exact gradient to
+  1e-6 G, otherwise the group fails outright (a deterministic bias cannot hide behind sd = 0). This
+  also covers gradients that are zero in exact arithmetic but not in float32, e.g. the key bias of
+  softmax attention (|g| ~ 1e-13 G), whose rounding residue is not a random variable;
 - for the other ``E`` entries ``z_e = (mean_e - g_e) / (sd_e / sqrt(n))`` and the statistic is
   ``mean(z^2)``, expected 1 (399/397 for a t with n - 1 = 399 dof) if the estimator is unbiased.
   The entries of one gradient tensor are strongly correlated (all draws come from a few dozen row
@@ -40,15 +43,15 @@ from vcas_bench.vcas import autograd as vcas_autograd
 from vcas_bench.vcas.sampling import bernoulli_keep, leverage_scores, row_norms, soft_topk
 from vcas_bench.vcas.wrap import SampledLinear, unwrap, wrap
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and contend on a shared 2-core box)
 
 N = 16  # batch rows
 RHO = [0.4, 0.6, 0.8]  # bottom-up
 NU = 0.5
 DRAWS = 400
 Z_BOUND = 4.75  # standard-normal quantile of the per-group chi-square bound (p ~ 1e-6)
-DET_SD = 1e-6  # "does not vary" below this fraction of the group's scale
-DET_TOL = 1e-5  # float32 tolerance for deterministic entries, fraction of the group's scale
+DET_SD = 1e-7  # "does not vary": sd below float32 eps times the model's largest exact gradient entry
+DET_TOL = 1e-6  # tolerance for deterministic entries, same unit
 
 
 # -- model families -------------------------------------------------------------------------------
@@ -216,13 +219,12 @@ class GroupStat:
         return self.det_mismatch > 0 or (self.entries > 0 and self.mean_z2 > self.bound)
 
 
-def _group_stat(name: str, x: torch.Tensor, exact: torch.Tensor) -> GroupStat:
+def _group_stat(name: str, x: torch.Tensor, exact: torch.Tensor, scale: float) -> GroupStat:
     n = x.shape[0]
     live = (exact != 0) | (x != 0).any(0)
     x, exact = x[:, live], exact[live]
     if exact.numel() == 0:
         return GroupStat(name, 0, 0, 0, 0.0, 0.0, math.inf)
-    scale = max(float(exact.abs().max()), float(x.abs().max()))
     mean, sd = x.mean(0), x.std(0)
     det = sd <= DET_SD * scale
     det_mismatch = int(((mean[det] - exact[det]).abs() > DET_TOL * scale).sum())
@@ -240,7 +242,8 @@ def _group_stat(name: str, x: torch.Tensor, exact: torch.Tensor) -> GroupStat:
 
 
 def _stats(d: Draws) -> list[GroupStat]:
-    return [_group_stat(k, x, g) for k, x, g in zip(d.names, d.draws, d.exact)]
+    scale = max(float(g.abs().max()) for g in d.exact)
+    return [_group_stat(k, x, g, scale) for k, x, g in zip(d.names, d.draws, d.exact)]
 
 
 def _report(stats: list[GroupStat]) -> str:
@@ -313,10 +316,40 @@ def test_negative_control_without_rescaling_is_flagged(monkeypatch, control):
     assert len(flagged) >= 0.5 * len(affected), _report(affected)
 
 
-def test_tuple_block_whose_extra_output_carries_gradient():
-    """A block returning ``(hidden, aux)`` where ``aux`` depends on the block's weights and enters the
-    loss: the gradient through ``aux`` bypasses SampleA. Same n = 400, bound and settings as above."""
-    d = _draw(_build("tuple_block", aux_grad=True), DRAWS)
+def _bert_with_hidden_state_loss() -> Family:
+    """HF BERT whose loss also uses an intermediate hidden state (deep supervision / layer distillation)."""
+    family = _hf_bert()
+    g = torch.Generator().manual_seed(5)
+    ids, labels, v = torch.randint(0, 100, (N, 8), generator=g), torch.randint(0, 3, (N,), generator=g), torch.randn(32, generator=g)
+
+    def loss_fn(m: nn.Module) -> torch.Tensor:
+        out = m(input_ids=ids, labels=labels, output_hidden_states=True)
+        return out.loss + 0.1 * (out.hidden_states[2][:, 0] @ v).square().mean()
+
+    return Family(family.model, "BertLayer", loss_fn)
+
+
+def _tuple_with_aux_gradient() -> Family:
+    return _tuple_net(aux_grad=True)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="vcas bug: SampledLinearFunction.backward keeps only the rows SampleA left alive in its block and "
+    "drops the rest, assuming their gradient is zero; a gradient that reaches a block other than through the "
+    "next block (a tuple block's extra output, an intermediate hidden state in the loss) is silently lost.",
+)
+@pytest.mark.parametrize("case", ["tuple_block_aux_output", "hf_bert_hidden_state_loss"])
+def test_gradient_entering_blocks_by_other_paths_stays_unbiased(case):
+    """Same n = 400, settings and bound as the unbiasedness test, on two models where part of the loss
+    gradient reaches a block without passing through the block above: a ``(hidden, aux)`` block whose
+    ``aux`` depends on the block's weights and enters the loss, and BERT with a loss term on
+    ``hidden_states[2]`` (the output of block 1, read by HF's output-capturing hook)."""
+    build = {"tuple_block_aux_output": _tuple_with_aux_gradient, "hf_bert_hidden_state_loss": _bert_with_hidden_state_loss}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        family = build[case]()
+    d = _draw(family, DRAWS)
     bad = [s for s in _stats(d) if s.biased]
     assert not bad, "biased groups:\n" + _report(bad)
 

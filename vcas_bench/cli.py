@@ -48,9 +48,14 @@ def check_command_line(args: list[str]) -> list[str]:
             for choice in value.split(","):  # multirun sweeps list several
                 if choice and choice != "null" and choice not in group_choices(key):
                     errors.append(f"unknown {key} {choice!r}; valid {key}s: {', '.join(group_choices(key))}")
-    if errors or any("," in a for a in overrides):
+    if errors or any(is_sweep(a) for a in overrides):
         return errors  # sweeps are checked job by job once Hydra expands them
     return compose_errors(overrides)
+
+
+def is_sweep(override: str) -> bool:
+    """``key=a,b`` sweeps; a comma inside a list value (``key=[a,b]``) does not."""
+    return "," in re.sub(r"\[[^\]]*\]", "", override.partition("=")[2])
 
 
 def compose_errors(overrides: list[str]) -> list[str]:

@@ -1,0 +1,40 @@
+"""Shared test set-up: offline, a throw-away HF cache, wandb off, configs composed like the CLI does."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Before anything imports transformers/datasets: nothing may reach the network or the user's cache.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "disabled"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="vcas-bench-hf-")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from vcas_bench.cli import CONF_DIR  # noqa: E402
+
+torch.set_num_threads(2)
+
+FAST = ["trainer.progress=false", "trainer.device=cpu"]
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config the CLI would build for ``overrides``."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """``make_cfg(*overrides)`` -> a fast CPU config writing into ``tmp_path``."""
+
+    def make(*overrides: str) -> DictConfig:
+        return compose_config([*FAST, f"output_dir={tmp_path}", *overrides])
+
+    return make

@@ -1,0 +1,73 @@
+"""Every config composes and validates; bad input fails before training, one line per problem."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import compose_config
+
+from vcas_bench.cli import CONF_DIR, check_command_line, group_choices
+from vcas_bench.config import validate
+
+GROUP_MEMBERS = [(g, c) for g in ("task", "model", "sampler", "experiment") for c in group_choices(g)]
+
+
+@pytest.mark.parametrize(("group", "choice"), GROUP_MEMBERS, ids=[f"{g}={c}" for g, c in GROUP_MEMBERS])
+def test_every_group_member_composes_and_validates(group, choice):
+    cfg = compose_config([f"{group}={choice}"])
+    assert validate(cfg) == []
+
+
+def test_conf_groups_mirror_the_registries():
+    from vcas_bench.models import MODELS
+    from vcas_bench.samplers import SAMPLERS
+    from vcas_bench.tasks import TASKS
+
+    assert set(group_choices("sampler")) == set(SAMPLERS.names())
+    assert set(group_choices("task")) <= set(TASKS.names())
+    assert set(group_choices("model")) <= set(MODELS.names())
+    for group in ("task", "model", "sampler"):
+        for choice in group_choices(group):
+            assert compose_config([f"{group}={choice}"])[group].name == choice
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["task=nope"], r"unknown task 'nope'; valid tasks: digits, mnist5k, rt-polarity"),
+        (["model=gpt9"], r"unknown model 'gpt9'; valid models: .*minilm"),
+        (["sampler=magic"], r"unknown sampler 'magic'; valid samplers: exact, sb, ub, vcas"),
+        (["model.optim.lr=-1"], r"model.optim.lr must be > 0"),
+        (["sampler.foo=1"], r"sampler 'vcas' has no setting 'foo'; valid: tau, tau_act"),
+        (["sampler=sb", "sampler.beta=-2"], r"invalid sb settings: beta=-2"),
+        (["sampler.beta=1.5"], r"invalid VCAS settings: beta=1.5"),
+        (["task.args.foo=1"], r"task 'rt-polarity' has no argument 'foo'; valid: data_dir"),
+        (["trainer.max_steps=abc"], r"trainer.max_steps=abc"),
+        (["baselines=[exact,nope]"], r"baselines: unknown sampler 'nope'"),
+    ],
+)
+def test_bad_input_is_reported_in_one_line(args, expected):
+    errors = check_command_line(args)
+    assert errors, f"{args} was accepted"
+    assert any(pytest.importorskip("re").search(expected, e) for e in errors), errors
+    assert all("\n" not in e for e in errors)
+
+
+def test_valid_command_line_has_no_errors():
+    assert check_command_line(["task=digits", "model=vit-tiny", "sampler=ub", "trainer.max_steps=3"]) == []
+
+
+def test_cli_exits_before_training_with_one_line(tmp_path):
+    """The installed entry point fails fast: exit 2, one stderr line, nothing written."""
+    proc = subprocess.run([sys.executable, "-m", "vcas_bench", "task=nope", f"output_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "vcas-bench: error: unknown task 'nope'; valid tasks: digits, mnist5k, rt-polarity"]
+    assert not any(tmp_path.iterdir())
+
+
+def test_configs_are_found_outside_a_checkout():
+    assert (CONF_DIR / "config.yaml").exists()
