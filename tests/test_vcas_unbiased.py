@@ -9,11 +9,11 @@ The statistic (per parameter tensor, "group")
 For the ``n`` draws ``X (n, E)`` of a group and its exact gradient ``g``:
 
 - entries whose exact and sampled gradients are all exactly 0 are dropped (trivially unbiased);
-- with ``G`` the largest exact gradient entry of the whole model, entries whose draws do not vary
-  beyond float32 rounding (sd <= 1e-7 G) are *deterministic*: they must equal the exact gradient to
-  1e-6 G, otherwise the group fails outright (a deterministic bias cannot hide behind sd = 0). This
-  also covers gradients that are zero in exact arithmetic but not in float32, e.g. the key bias of
-  softmax attention (|g| ~ 1e-13 G), whose rounding residue is not a random variable;
+- the models run in float64. With ``G`` the largest exact gradient entry of the whole model, entries
+  whose draws do not vary beyond rounding (sd <= 1e-12 G) are *deterministic*: they must equal the
+  exact gradient to 1e-10 G, otherwise the group fails outright (a deterministic bias cannot hide
+  behind sd = 0). This also covers gradients that are zero in exact arithmetic but not in floating
+  point, e.g. the key bias of softmax attention, whose rounding residue is not a random variable;
 - for the other ``E`` entries ``z_e = (mean_e - g_e) / (sd_e / sqrt(n))`` and the statistic is
   ``mean(z^2)``, expected 1 (399/397 for a t with n - 1 = 399 dof) if the estimator is unbiased.
   The entries of one gradient tensor are strongly correlated (all draws come from a few dozen row
@@ -50,8 +50,8 @@ RHO = [0.4, 0.6, 0.8]  # bottom-up
 NU = 0.5
 DRAWS = 400
 Z_BOUND = 4.75  # standard-normal quantile of the per-group chi-square bound (p ~ 1e-6)
-DET_SD = 1e-7  # "does not vary": sd below float32 eps times the model's largest exact gradient entry
-DET_TOL = 1e-6  # tolerance for deterministic entries, same unit
+DET_SD = 1e-12  # "does not vary": sd below this times the model's largest exact gradient entry (float64)
+DET_TOL = 1e-10  # tolerance for deterministic entries, same unit
 
 
 # -- model families -------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ class Family:
     loss_fn: Callable[[nn.Module], torch.Tensor]
 
 
-def _hf_bert() -> Family:
+def _hf_bert(dtype: torch.dtype = torch.float32) -> Family:
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(
@@ -78,29 +78,30 @@ def _hf_bert() -> Family:
     return Family(model, "BertLayer", lambda m: m(input_ids=ids, attention_mask=mask, labels=labels).loss)
 
 
-def _hf_vit() -> Family:
+def _hf_vit(dtype: torch.dtype = torch.float32) -> Family:
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(
-        image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-        intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
+        image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=3,
+        num_attention_heads=2, intermediate_size=64, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, num_labels=3,
     )
     model = ViTForImageClassification(config)
     g = torch.Generator().manual_seed(2)
-    pixels = torch.randn(N, 3, 16, 16, generator=g)
+    pixels = torch.randn(N, 3, 16, 16, generator=g, dtype=dtype)
     labels = torch.randint(0, 3, (N,), generator=g)
     return Family(model, "ViTLayer", lambda m: m(pixel_values=pixels, labels=labels).loss)
 
 
-def _timm_vit() -> Family:
+def _timm_vit(dtype: torch.dtype = torch.float32) -> Family:
     import timm
 
     model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2,
-        num_classes=3,
+        "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, embed_dim=32, depth=3,
+        num_heads=2, num_classes=3,
     )
     g = torch.Generator().manual_seed(3)
-    pixels = torch.randn(N, 3, 16, 16, generator=g)
+    pixels = torch.randn(N, 3, 16, 16, generator=g, dtype=dtype)
     labels = torch.randint(0, 3, (N,), generator=g)
     return Family(model, "Block", lambda m: F.cross_entropy(m(pixels), labels))
 
@@ -136,10 +137,10 @@ class TupleNet(nn.Module):
         return self.head(h.mean(1)), aux_total
 
 
-def _tuple_net(aux_grad: bool = False) -> Family:
+def _tuple_net(dtype: torch.dtype = torch.float32, aux_grad: bool = False) -> Family:
     model = TupleNet(aux_grad=aux_grad)
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(N, 6, 5, generator=g)
+    x = torch.randn(N, 6, 5, generator=g, dtype=dtype)
     labels = torch.randint(0, 3, (N,), generator=g)
 
     def loss_fn(m: nn.Module) -> torch.Tensor:
@@ -152,10 +153,14 @@ def _tuple_net(aux_grad: bool = False) -> Family:
 FAMILIES = {"hf_bert": _hf_bert, "hf_vit": _hf_vit, "timm_vit": _timm_vit, "tuple_block": _tuple_net}
 
 
-def _build(name: str, **kwargs) -> Family:
+def _build(name: str, dtype: torch.dtype = torch.float64, **kwargs) -> Family:
+    """Family ``name`` with parameters initialised under seed 0, in ``dtype`` (statistical tests use
+    float64 so that float rounding sits ~1e-16 below the gradients, far from any sampling effect)."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        return FAMILIES[name](**kwargs)
+        family = {**FAMILIES, **OTHER_PATHS}[name](dtype=dtype, **kwargs)
+    family.model.to(dtype)
+    return family
 
 
 # -- drawing gradients ----------------------------------------------------------------------------
@@ -296,31 +301,33 @@ def _leverage_without_rescaling(a, b, k, generator=None):
 
 @pytest.mark.parametrize("control", ["activation", "weight"])
 def test_negative_control_without_rescaling_is_flagged(monkeypatch, control):
-    """HF BERT, same setting as the unbiasedness test but n = 200 draws and the 1/p rescaling removed
-    from SampleA (``RowSampler._draw_rows``) or SampleW (``leverage_sample_matmul``).
+    """HF BERT, n = 200 draws, the unbiasedness criterion above, with the 1/p rescaling removed from
+    SampleA (``RowSampler._draw_rows``; rho = [0.4, 0.6, 0.8], nu = 0.5) or from SampleW
+    (``leverage_sample_matmul``; rho = 1 so that SampleA's noise does not mask SampleW's bias).
 
-    The unbiasedness criterion must then reject at least half of the affected groups (all block
-    parameters for SampleA; the sampled linear weights for SampleW), so the test above can fail.
+    The affected groups are those whose draws vary (the encoder-layer parameters for SampleA, the
+    sampled linear weights for SampleW); >= 90% of them must be flagged as biased.
     """
     if control == "activation":
         monkeypatch.setattr(vcas_autograd.RowSampler, "_draw_rows", _rows_without_rescaling)
+        d = _draw(_build("hf_bert"), 200)
+        in_scope = lambda name: ".encoder.layer." in name  # noqa: E731
     else:
         monkeypatch.setattr(vcas_autograd, "leverage_sample_matmul", _leverage_without_rescaling)
-    d = _draw(_build("hf_bert"), 200)
-    stats = _stats(d)
-    if control == "activation":
-        affected = [s for s in stats if ".encoder.layer." in s.name]
-    else:
-        affected = [s for s in stats if s.name in d.sampled_names]
+        d = _draw(_build("hf_bert"), 200, rho=[1.0] * len(RHO))
+        in_scope = d.sampled_names.__contains__
+    affected = [s for s in _stats(d) if in_scope(s.name) and s.entries > 0]
     flagged = [s for s in affected if s.biased]
-    assert len(flagged) >= 0.5 * len(affected), _report(affected)
+    assert len(affected) >= 10, _report(affected)
+    assert len(flagged) >= 0.9 * len(affected), _report(affected)
 
 
-def _bert_with_hidden_state_loss() -> Family:
-    """HF BERT whose loss also uses an intermediate hidden state (deep supervision / layer distillation)."""
-    family = _hf_bert()
+def _bert_with_hidden_state_loss(dtype: torch.dtype = torch.float32) -> Family:
+    """HF BERT whose loss also uses an intermediate hidden state (deep supervision, layer distillation)."""
+    family = _hf_bert(dtype)
     g = torch.Generator().manual_seed(5)
-    ids, labels, v = torch.randint(0, 100, (N, 8), generator=g), torch.randint(0, 3, (N,), generator=g), torch.randn(32, generator=g)
+    ids, labels = torch.randint(0, 100, (N, 8), generator=g), torch.randint(0, 3, (N,), generator=g)
+    v = torch.randn(32, generator=g, dtype=dtype)
 
     def loss_fn(m: nn.Module) -> torch.Tensor:
         out = m(input_ids=ids, labels=labels, output_hidden_states=True)
@@ -329,27 +336,26 @@ def _bert_with_hidden_state_loss() -> Family:
     return Family(family.model, "BertLayer", loss_fn)
 
 
-def _tuple_with_aux_gradient() -> Family:
-    return _tuple_net(aux_grad=True)
+OTHER_PATHS = {
+    "tuple_block_aux_output": lambda dtype: _tuple_net(dtype, aux_grad=True),
+    "hf_bert_hidden_state_loss": _bert_with_hidden_state_loss,
+}
 
 
 @pytest.mark.xfail(
     strict=True,
+    raises=AssertionError,
     reason="vcas bug: SampledLinearFunction.backward keeps only the rows SampleA left alive in its block and "
-    "drops the rest, assuming their gradient is zero; a gradient that reaches a block other than through the "
-    "next block (a tuple block's extra output, an intermediate hidden state in the loss) is silently lost.",
+    "drops the others, assuming their gradient is zero; gradient that reaches a block other than through the "
+    "block above (a tuple block's extra output, an intermediate hidden state in the loss) is silently lost.",
 )
-@pytest.mark.parametrize("case", ["tuple_block_aux_output", "hf_bert_hidden_state_loss"])
+@pytest.mark.parametrize("case", list(OTHER_PATHS))
 def test_gradient_entering_blocks_by_other_paths_stays_unbiased(case):
     """Same n = 400, settings and bound as the unbiasedness test, on two models where part of the loss
     gradient reaches a block without passing through the block above: a ``(hidden, aux)`` block whose
     ``aux`` depends on the block's weights and enters the loss, and BERT with a loss term on
-    ``hidden_states[2]`` (the output of block 1, read by HF's output-capturing hook)."""
-    build = {"tuple_block_aux_output": _tuple_with_aux_gradient, "hf_bert_hidden_state_loss": _bert_with_hidden_state_loss}
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        family = build[case]()
-    d = _draw(family, DRAWS)
+    ``hidden_states[2]`` (the output of block 1, as recorded by HF's output-capturing hook)."""
+    d = _draw(_build(case), DRAWS)
     bad = [s for s in _stats(d) if s.biased]
     assert not bad, "biased groups:\n" + _report(bad)
 
@@ -359,7 +365,7 @@ def test_exact_mode_matches_unwrapped_model_and_keeps_names(name):
     """rho = 1, nu = 1 (the defaults after wrapping): the wrapped gradient equals the plain model's to
     float tolerance; state_dict keys are unchanged by wrap and unwrap; unwrap leaves no SampledLinear
     and no hook (sampling knobs set after unwrap change nothing)."""
-    family = _build(name)
+    family = _build(name, dtype=torch.float32)
     model, reference = family.model, copy.deepcopy(family.model)
     keys = list(model.state_dict())
     num_linear = sum(type(m) is nn.Linear for m in model.modules())

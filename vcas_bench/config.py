@@ -52,7 +52,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int | None = None  # torch CPU threads (None: torch's default)
     progress: bool = True
-    log_every: int = 1
+    flops_every: int = 10  # count FLOPs on every n-th step and every other phase (0: never)
 
 
 @dataclass
@@ -63,6 +63,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     baselines: list[str] = field(default_factory=list)  # samplers run first, same seed and data
     seed: int = 0
+    name: str | None = None  # the experiment's name, recorded in metrics.json
     logger: str | None = None  # None | wandb
     output_dir: str | None = None  # None: Hydra's run directory
 
@@ -120,6 +121,7 @@ def validate(cfg: DictConfig) -> list[str]:
         "task.epochs must be > 0": task.epochs > 0,
         "task.batch_size must be >= 1": task.batch_size >= 1,
         "trainer.max_steps must be >= 1": trainer.max_steps is None or trainer.max_steps >= 1,
+        "trainer.flops_every must be >= 0": trainer.flops_every >= 0,
         "trainer.device must be one of auto, cpu, cuda": trainer.device in ("auto", "cpu", "cuda"),
         "logger must be null or wandb": cfg.logger in (None, "wandb"),
     }

@@ -1,10 +1,16 @@
-"""Wall-clock timing that waits for the device before reading the clock (nanoGPT/timm style)."""
+"""Wall-clock timing that waits for the device before reading the clock (nanoGPT/timm style).
+
+Units of work (a training step's forward+backward, its optimizer update, a variance phase) are
+timed one by one; warm-up steps and FLOP-counting probes are run but not timed. The run's training
+time is then ``sum over kinds of mean timed seconds x number of units`` (:meth:`UnitTimer.total`).
+"""
 
 from __future__ import annotations
 
 import resource
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -16,26 +22,35 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class PhaseTimer:
-    """Accumulates seconds per named phase; phases inside ``skip`` calls are not recorded."""
+class UnitTimer:
+    """Seconds per kind of unit, over the units that were timed; counts over all units."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, int] = defaultdict(int)
+        self.timed: Counter[str] = Counter()
+        self.units: Counter[str] = Counter()
 
     @contextmanager
-    def time(self, phase: str, record: bool = True):
+    def unit(self, kind: str, timed: bool = True) -> Iterator[None]:
+        self.units[kind] += 1
+        if not timed:
+            yield
+            return
         synchronize(self.device)
         start = time.perf_counter()
         yield
         synchronize(self.device)
-        if record:
-            self.seconds[phase] += time.perf_counter() - start
-            self.counts[phase] += 1
+        self.seconds[kind] += time.perf_counter() - start
+        self.timed[kind] += 1
 
-    def total(self) -> float:
-        return sum(self.seconds.values())
+    def mean(self, kind: str) -> float | None:
+        return self.seconds[kind] / self.timed[kind] if self.timed[kind] else None
+
+    def total(self, kind: str | None = None) -> float:
+        """Estimated seconds of all units (of ``kind``), from the mean of the timed ones."""
+        kinds = [kind] if kind else list(self.units)
+        return sum((self.mean(k) or 0.0) * self.units[k] for k in kinds)
 
 
 def peak_memory_mb(device: torch.device) -> dict[str, float]:

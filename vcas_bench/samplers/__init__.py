@@ -46,8 +46,11 @@ class Sampler(Protocol):
     def step(self, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> StepStats:
         """Forward ``batch`` and write its (sampled) gradient into ``.grad``."""
 
-    def maybe_adapt(self, step: int, loss_fn: LossFn, next_batch: Callable[[], Any]) -> dict[str, Any] | None:
-        """Run an adaptation phase if one is due before optimizer step ``step``; else ``None``."""
+    def adapt_due(self, step: int) -> bool:
+        """Whether an adaptation phase runs before optimizer step ``step`` (VCAS only)."""
+
+    def adapt(self, step: int, loss_fn: LossFn, next_batch: Callable[[], Any]) -> dict[str, Any]:
+        """Run the adaptation phase; returns what it measured and decided."""
 
     def detach(self) -> None:
         """Undo :meth:`attach` (unwrap the model)."""

@@ -32,8 +32,11 @@ class ExactSampler:
         losses, _ = loss_fn(batch)
         return StepStats(loss=mean_loss_backward(losses), keep_ratio=1.0, analytic_cost=1.0)
 
-    def maybe_adapt(self, step: int, loss_fn: LossFn, next_batch: Callable[[], Any]) -> None:
-        return None
+    def adapt_due(self, step: int) -> bool:
+        return False
+
+    def adapt(self, step: int, loss_fn: LossFn, next_batch: Callable[[], Any]) -> dict[str, Any]:
+        raise RuntimeError(f"{self.name} has no adaptation phase")
 
     def detach(self) -> None:
         pass

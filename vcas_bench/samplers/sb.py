@@ -83,8 +83,11 @@ class SelectiveBackpropSampler:
         return StepStats(loss=float(losses.detach().mean()), keep_ratio=ratio,
                          analytic_cost=keep_ratio_step_cost(ratio))
 
-    def maybe_adapt(self, step: int, loss_fn: LossFn, next_batch: Callable[[], Any]) -> None:
-        return None
+    def adapt_due(self, step: int) -> bool:
+        return False
+
+    def adapt(self, step: int, loss_fn: LossFn, next_batch: Callable[[], Any]) -> dict[str, Any]:
+        raise RuntimeError(f"{self.name} has no adaptation phase")
 
     def detach(self) -> None:
         self.rows.detach()

@@ -67,13 +67,14 @@ class VcasSampler:
         return StepStats(loss=loss, keep_ratio=kept[0], analytic_cost=cost,
                          extra={"keep_top": kept[-1], "s": ctl.s})
 
-    def maybe_adapt(self, step: int, loss_fn: LossFn, next_batch: Callable[[], Any]) -> dict[str, Any] | None:
+    def adapt_due(self, step: int) -> bool:
+        return self.controller.should_adapt(step)
+
+    def adapt(self, step: int, loss_fn: LossFn, next_batch: Callable[[], Any]) -> dict[str, Any]:
         ctl = self.controller
-        if not ctl.should_adapt(step):
-            return None
         batches = [next_batch() for _ in range(ctl.config.M)]
         stats = ctl.adapt(lambda b: loss_fn(b)[0].mean(), batches, step)
-        return {"step": step, **stats.summary(), "rho": stats.rho, "nu": stats.nu,
+        return {"step": step, "F": ctl.config.F, **stats.summary(), "rho": stats.rho, "nu": stats.nu,
                 "V_s_layer": stats.V_s_layer, "V_w_layer": stats.V_w_layer}
 
     def detach(self) -> None:

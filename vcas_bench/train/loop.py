@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vcas_bench.measure.timers import PhaseTimer
+from vcas_bench.measure.flops import FlopMeter
+from vcas_bench.measure.timers import UnitTimer
 from vcas_bench.samplers import LossFn, Sampler
 
 WARMUP_STEPS = 2  # the first steps pay for allocations and kernel selection: not timed
@@ -23,7 +24,8 @@ class LoopResult:
     train_log: list[dict[str, Any]] = field(default_factory=list)
     phase_log: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
-    timer: PhaseTimer | None = None
+    timer: UnitTimer | None = None
+    flops: FlopMeter | None = None
     analytic_cost: float = 0.0  # summed analytic FLOPs, in exact-step units (steps + phases)
 
 
@@ -39,28 +41,31 @@ def train(
     evaluate: Callable[[], dict[str, float]],
     device: torch.device,
     max_grad_norm: float | None = None,
+    flops_every: int = 10,
     progress: bool = True,
     on_step: Callable[[dict[str, Any]], None] | None = None,
 ) -> LoopResult:
     """Train for ``total_steps`` optimizer steps; evaluate after each epoch and at the end."""
-    result = LoopResult(timer=PhaseTimer(device))
-    timer = result.timer
+    timer, meter = UnitTimer(device), FlopMeter(flops_every)
+    result = LoopResult(timer=timer, flops=meter)
+    loss_fn = meter.wrap_loss_fn(loss_fn)
     bar = tqdm(total=total_steps, desc=sampler.name, disable=not progress, dynamic_ncols=True)
     model.train()
     epoch = 0
     while result.steps < total_steps:
         for batch in loader:
             step = result.steps
-            timed = step >= WARMUP_STEPS
-            # A variance phase costs real time and FLOPs: it is timed whenever it happens.
-            with timer.time("adapt"):
-                phase = sampler.maybe_adapt(step, loss_fn, next_extra_batch)
-            if phase is not None:
+            if sampler.adapt_due(step):  # VCAS's variance phase: extra passes on their own batches
+                probe = meter.is_probe("phase", len(result.phase_log))
+                with timer.unit("phase", timed=not probe), meter.unit("phase", probe):
+                    phase = sampler.adapt(step, loss_fn, next_extra_batch)
                 result.phase_log.append(phase)
                 result.analytic_cost += phase.get("phase_cost", 0.0)
-            with timer.time("forward_backward", record=timed):
+            probe = meter.is_probe("step", step)
+            # Warm-up and counted steps run like any other but are left out of the timing.
+            with timer.unit("step", timed=step >= WARMUP_STEPS and not probe), meter.unit("step", probe):
                 stats = sampler.step(batch, loss_fn)
-            with timer.time("optimizer", record=timed):
+            with timer.unit("optimizer", timed=step >= WARMUP_STEPS):
                 if max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
                 optimizer.step()
@@ -77,8 +82,7 @@ def train(
             if on_step:
                 on_step(row)
             bar.update(1)
-            bar.set_postfix(loss=f"{stats.loss:.4f}", keep=f"{stats.keep_ratio:.2f}",
-                            it_s=f"{bar.format_dict.get('rate') or 0:.2f}")
+            bar.set_postfix(loss=f"{stats.loss:.4f}", keep=f"{stats.keep_ratio:.2f}")
             if result.steps >= total_steps:
                 break
         epoch += 1

@@ -7,7 +7,7 @@ into ``<output dir>/<sampler>/``; the comparison writes ``comparison.{md,csv,jso
 
 from __future__ import annotations
 
-import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -27,7 +27,6 @@ from vcas_bench.tasks import create_task
 from vcas_bench.train import build
 from vcas_bench.train.loop import train
 
-log = logging.getLogger(__name__)
 
 
 def sampler_specs(cfg: DictConfig, conf_dir: Path | None) -> list[dict[str, Any]]:
@@ -86,7 +85,8 @@ def run_one(cfg: DictConfig, spec: dict[str, Any], run_dir: Path, reference: dic
             build.build_train_loader(data.train, batch_size, cfg.seed),
             build.build_extra_batches(data.train, batch_size, cfg.seed), optimizer, scheduler, total_steps,
             evaluate=lambda: build.evaluate(bundle, eval_loader, device), device=device,
-            max_grad_norm=optim.max_grad_norm, progress=cfg.trainer.progress,
+            max_grad_norm=optim.max_grad_norm, flops_every=cfg.trainer.flops_every,
+            progress=cfg.trainer.progress,
             on_step=_wandb_logger(cfg, spec["name"], run_dir),
         )
     finally:
@@ -122,6 +122,7 @@ def _metrics(cfg, spec, result, device, total_steps, per_epoch, reference) -> di
     timer = result.timer
     train_time = timer.total()
     analytic = result.analytic_cost / result.steps
+    flops = result.flops.totals()
     metrics = {
         "task": cfg.task.name, "model": cfg.model.name, "sampler": spec["name"], "seed": cfg.seed,
         "steps": result.steps, "steps_per_epoch": per_epoch, "batch_size": cfg.task.batch_size,
@@ -130,14 +131,19 @@ def _metrics(cfg, spec, result, device, total_steps, per_epoch, reference) -> di
         **{k: v for k, v in result.evals[-1].items() if k.startswith("eval_")},
         "evals": result.evals,
         "train_time_s": train_time,
-        "time_forward_backward_s": timer.seconds["forward_backward"],
-        "time_optimizer_s": timer.seconds["optimizer"],
-        "time_adapt_s": timer.seconds["adapt"],
-        "timed_steps": timer.counts["forward_backward"],
+        "time_step_s": timer.total("step"),
+        "time_optimizer_s": timer.total("optimizer"),
+        "time_phases_s": timer.total("phase"),
+        "time_per_step_ms": 1000 * (timer.mean("step") or math.nan),
+        "timed_steps": timer.timed["step"],
+        "timed_phases": timer.timed["phase"],
         "keep_ratio_mean": sum(r["keep_ratio"] for r in result.train_log) / result.steps,
         "analytic_flops_ratio": analytic,
         "flops_reduction_analytic": 1 - analytic,
         "adapt_phases": len(result.phase_log),
+        "vcas_F": result.phase_log[0].get("F") if result.phase_log else None,
+        "experiment": cfg.get("name"),
+        **flops,
         "device": str(device),
         **peak_memory_mb(device),
     }
@@ -148,6 +154,10 @@ def _metrics(cfg, spec, result, device, total_steps, per_epoch, reference) -> di
         metrics["final_rho"], metrics["final_nu"] = last.get("rho"), last.get("nu")
     if reference is not None:
         metrics["time_reduction"] = 1 - train_time / reference["train_time_s"]
+        if flops["flops_total"] and reference.get("flops_total"):
+            metrics["flops_reduction_measured"] = 1 - flops["flops_total"] / reference["flops_total"]
+        if metrics.get("flops_reduction_measured"):
+            metrics["time_over_flops_reduction"] = metrics["time_reduction"] / metrics["flops_reduction_measured"]
     return metrics
 
 
