@@ -42,7 +42,7 @@ def build_extra_batches(dataset: Dataset, batch_size: int, seed: int) -> Callabl
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float):
     """AdamW / Adam / SGD; no weight decay on biases and LayerNorm weights (the BERT recipe)."""
     decay, no_decay = [], []
-    for pname, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -67,7 +67,7 @@ def build_scheduler(optimizer, schedule: str, total_steps: int, warmup_ratio: fl
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_loss_fn(bundle: ModelBundle, device: torch.device) -> Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]:
+def build_loss_fn(bundle: ModelBundle, device: torch.device) -> Callable[[Batch], tuple]:
     """``batch -> (per-example cross-entropy (N,), logits)``, moving the batch to ``device``."""
 
     def loss_fn(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

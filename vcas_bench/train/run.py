@@ -28,7 +28,6 @@ from vcas_bench.train import build
 from vcas_bench.train.loop import train
 
 
-
 def sampler_specs(cfg: DictConfig, conf_dir: Path | None) -> list[dict[str, Any]]:
     """The samplers of this comparison, baselines first, each as ``{"name": ..., **settings}``."""
     main = OmegaConf.to_container(cfg.sampler, resolve=True)
@@ -36,7 +35,8 @@ def sampler_specs(cfg: DictConfig, conf_dir: Path | None) -> list[dict[str, Any]
     for name in cfg.baselines:
         if name != main["name"]:
             path = conf_dir / "sampler" / f"{name}.yaml" if conf_dir else None
-            specs.append(OmegaConf.to_container(OmegaConf.load(path)) if path and path.exists() else {"name": name})
+            known = path is not None and path.exists()
+            specs.append(OmegaConf.to_container(OmegaConf.load(path)) if known else {"name": name})
     return [*specs, main]
 
 
@@ -59,7 +59,9 @@ def run(cfg: DictConfig, out_dir: Path, conf_dir: Path | None = None) -> list[di
     return results
 
 
-def run_one(cfg: DictConfig, spec: dict[str, Any], run_dir: Path, reference: dict[str, Any] | None) -> dict[str, Any]:
+def run_one(
+    cfg: DictConfig, spec: dict[str, Any], run_dir: Path, reference: dict[str, Any] | None
+) -> dict[str, Any]:
     """Train one sampler from scratch with the comparison's seed; write and return its metrics."""
     started = time.perf_counter()
     settings = {k: v for k, v in spec.items() if k != "name"}
@@ -157,7 +159,8 @@ def _metrics(cfg, spec, result, device, total_steps, per_epoch, reference) -> di
         if flops["flops_total"] and reference.get("flops_total"):
             metrics["flops_reduction_measured"] = 1 - flops["flops_total"] / reference["flops_total"]
         if metrics.get("flops_reduction_measured"):
-            metrics["time_over_flops_reduction"] = metrics["time_reduction"] / metrics["flops_reduction_measured"]
+            conversion = metrics["time_reduction"] / metrics["flops_reduction_measured"]
+            metrics["time_over_flops_reduction"] = conversion
     return metrics
 
 

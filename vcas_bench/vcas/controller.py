@@ -258,7 +258,8 @@ def _cuda_devices(tensors: list[torch.Tensor]) -> list[int]:
 
 
 def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    cuda_used = torch.cuda.is_available() and torch.cuda.is_initialized()
+    cuda = torch.cuda.get_rng_state_all() if cuda_used else None
     return torch.get_rng_state(), cuda
 
 
