@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from vcas_bench.samplers import SAMPLERS, LossFn, StepStats, mean_loss_backward
-from vcas_bench.vcas import VcasConfig, VcasController
+from vcas_bench.vcas import VcasConfig, VcasController, interval_cost_ratio
 
 
 def default_update_period(total_steps: int) -> int:
@@ -72,9 +72,12 @@ class VcasSampler:
 
     def adapt(self, step: int, loss_fn: LossFn, next_batch: Callable[[], Any]) -> dict[str, Any]:
         ctl = self.controller
+        # The paper's per-interval cost r (§1.11), at the schedule used since the last phase.
+        interval_ratio = interval_cost_ratio(ctl.rho, ctl.nu_per_block(), ctl.config.M, ctl.config.F)
         batches = [next_batch() for _ in range(ctl.config.M)]
         stats = ctl.adapt(lambda b: loss_fn(b)[0].mean(), batches, step)
-        return {"step": step, "F": ctl.config.F, **stats.summary(), "rho": stats.rho, "nu": stats.nu,
+        return {"step": step, "F": ctl.config.F, **stats.summary(), "interval_flops_ratio": interval_ratio,
+                "analytic_flops_ratio_so_far": ctl.analytic_flops_ratio(), "rho": stats.rho, "nu": stats.nu,
                 "V_s_layer": stats.V_s_layer, "V_w_layer": stats.V_w_layer}
 
     def detach(self) -> None:

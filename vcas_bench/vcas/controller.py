@@ -129,7 +129,7 @@ class VcasController:
 
     def step_cost(self) -> float:
         """Analytic FLOPs of one training step at the current rho / nu, relative to exact (§1.11)."""
-        return step_cost_ratio(self.sampler.rho, self._nu_per_block())
+        return step_cost_ratio(self.sampler.rho, self.nu_per_block())
 
     def phase_cost(self) -> float:
         """Analytic FLOPs of one variance phase at the current rho, in exact FP+BP steps (§1.11)."""
@@ -246,7 +246,8 @@ class VcasController:
             rho=self.rho, nu=self.nu, V_s_layer=est["V_s_layer"], V_w_layer=est["V_w_layer"], cost=cost,
         ))
 
-    def _nu_per_block(self) -> list[list[float]]:
+    def nu_per_block(self) -> list[list[float]]:
+        """nu of each block's linears, grouped by block."""
         per_block: list[list[float]] = [[] for _ in range(self.sampler.num_blocks)]
         for slot in self.sampler.linears:
             per_block[slot.block].append(slot.nu)
