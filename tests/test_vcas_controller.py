@@ -367,7 +367,7 @@ def test_two_wrapped_models_are_independent():
         assert after["s"] == before["s"] and after["rho"] == before["rho"] and after["nu"] == before["nu"]
         assert torch.equal(after["generator"], before["generator"])
         assert all(slot.weight_variance == 0.0 for slot in ctrl.sampler.linears)
-        assert all(x is None for x in ctrl.sampler.norms) and all(x is None for x in ctrl.sampler.alive)
+        assert all(x is None for x in ctrl.sampler.norms)
         assert ctrl.sampler.kept_fraction == [1.0] * 3
 
 

@@ -398,13 +398,6 @@ OTHER_PATHS = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="vcas bug: SampledLinearFunction.backward keeps only the rows SampleA left alive in its block and "
-    "drops the others, assuming their gradient is zero; gradient that reaches a block other than through the "
-    "block above (a tuple block's extra output, an intermediate hidden state in the loss) is silently lost.",
-)
 @pytest.mark.parametrize("case", list(OTHER_PATHS))
 def test_gradient_entering_blocks_by_other_paths_stays_unbiased(case):
     """Same n = 400, settings and bound as the unbiasedness test, on two models where part of the loss

@@ -1,8 +1,8 @@
 """Shared by SB and UB: backpropagate a chosen subset of the batch through the row-skipping engine.
 
 The forward has already run on the full batch. Dropped examples get weight 0 in the loss, so their
-gradient is exactly zero; telling the engine which rows are alive (``top_rows``) lets every wrapped
-block and linear skip them, which is what makes the backward cost ``r`` of the exact one.
+gradient is exactly zero in every block below, and every wrapped linear skips zero rows: the
+backward of the linears costs ``r`` of the exact one (rho = nu = 1, nothing else is sampled).
 """
 
 from __future__ import annotations
@@ -37,11 +37,7 @@ class RowSubsetBackward:
         keep = weights > 0
         if not bool(keep.any()):
             return 0.0
-        self.wrapped.sampler.top_rows = keep
-        try:
-            (losses * weights.to(losses.dtype)).sum().backward()
-        finally:
-            self.wrapped.sampler.top_rows = None
+        (losses * weights.to(losses.dtype)).sum().backward()
         return float(keep.float().mean())
 
 

@@ -3,11 +3,16 @@
 Two autograd functions do all the work:
 
 - :class:`SampleActivation` sits on each wrapped block's output. Forward is the identity; backward
-  draws SampleA over the batch rows of the incoming gradient (``p ∝ per-row norm``, ``sum p = N*rho``),
-  rescales kept rows by ``1/p`` and records which rows are alive for the block's linears.
+  draws SampleA over the batch rows of the incoming gradient (``p ∝ per-row norm``, ``sum p = N*rho``)
+  and rescales kept rows by ``1/p``; dropped rows become exactly zero.
 - :class:`SampledLinearFunction` replaces ``nn.Linear``'s backward inside a block: it works only on
-  the rows alive in its block, and estimates the weight gradient by leverage-score sampling over
-  (kept rows x tokens) at ratio ``nu`` relative to those rows (SampleW).
+  the batch rows whose output gradient is non-zero, and estimates the weight gradient by
+  leverage-score sampling over (those rows x tokens) at ratio ``nu`` relative to them (SampleW).
+
+The rows a linear skips are read off its own output gradient, not off the block's SampleA mask:
+gradient may also reach a block by another path (a tuple block's second output, a hidden state used
+in the loss), and such rows must be backpropagated to stay unbiased. SB and UB rely on the same
+rule: examples they drop get weight 0 in the loss, so their rows are zero everywhere below.
 
 Everything they read and write lives on one :class:`RowSampler` instance per wrapped model: no
 class-level counters, no global state, a private ``torch.Generator``.
@@ -28,7 +33,7 @@ from vcas_bench.vcas.sampling import (
     soft_topk,
 )
 
-__all__ = ["RowSampler", "SampleActivation", "SampledLinearFunction", "LinearSlot"]
+__all__ = ["RowSampler", "SampleActivation", "SampledLinearFunction", "LinearSlot", "nonzero_rows"]
 
 
 @dataclass
@@ -49,11 +54,10 @@ class RowSampler:
         rho: keep ratio per block, index 0 nearest the input.
         linears: one slot per sampled linear, in module order.
         sample_activations: draw SampleA at block outputs (off: exact backward).
-        sample_weights: draw SampleW in linears (off: exact weight gradient over the alive rows).
+        sample_weights: draw SampleW in linears (off: exact weight gradient over the non-zero rows).
         record_norms: keep each block's per-row output-gradient norms (variance phase, exact pass).
         record_weight_variance: add each linear's analytic SampleW variance at its ``nu``.
-        top_rows: optional bool mask ``(N,)`` of rows whose gradient is non-zero at the top (SB/UB).
-        generator: private RNG for every draw.
+        generator: private RNG for every draw (a CPU generator; draws move to the tensors' device).
     """
 
     num_blocks: int
@@ -63,41 +67,30 @@ class RowSampler:
     sample_weights: bool = True
     record_norms: bool = False
     record_weight_variance: bool = False
-    top_rows: torch.Tensor | None = None
     rho: list[float] = field(default_factory=list)
-    alive: list[torch.Tensor | None] = field(default_factory=list)  # per block, this backward
     norms: list[torch.Tensor | None] = field(default_factory=list)  # per block, last exact pass
-    kept_fraction: list[float] = field(default_factory=list)  # per block, last backward
+    kept_fraction: list[float] = field(default_factory=list)  # per block, SampleA's, last backward
 
     def __post_init__(self) -> None:
         self.rho = self.rho or [1.0] * self.num_blocks
-        self.alive = [None] * self.num_blocks
         self.norms = [None] * self.num_blocks
         self.kept_fraction = [1.0] * self.num_blocks
 
     # -- SampleA -------------------------------------------------------------------------------
     def sample_block_gradient(self, block: int, grad: torch.Tensor) -> torch.Tensor:
-        """Apply SampleA to the gradient at ``block``'s output and record the rows left alive."""
+        """Apply SampleA to the gradient at ``block``'s output (index 0 nearest the input)."""
         if self.record_norms:
             self.norms[block] = row_norms(grad)
         is_top = block == self.num_blocks - 1
-        above_alive = self._top_alive(grad) if is_top else self.alive[block + 1]
         rho_above = 1.0 if is_top else self.rho[block + 1]
-        # Nested sets: a block resamples only when it keeps less than the block above it (§1.10).
-        if self.sample_activations and (is_top or self.rho[block] < rho_above) and self.rho[block] < 1:
+        # Nested sets: a block resamples only when it keeps less than the block above it (§1.10);
+        # otherwise the gradient, already zero outside the rows kept above, passes through.
+        if self.sample_activations and self.rho[block] < 1 and (is_top or self.rho[block] < rho_above):
             grad, keep = self._draw_rows(grad, self.rho[block])
-            if above_alive is not None:
-                keep &= above_alive
-            above_alive = keep
-        self.alive[block] = above_alive
-        n = grad.shape[0]
-        self.kept_fraction[block] = 1.0 if above_alive is None else float(above_alive.sum()) / n
+            self.kept_fraction[block] = float(keep.float().mean())
+        else:
+            self.kept_fraction[block] = 1.0 if is_top else self.kept_fraction[block + 1]
         return grad
-
-    def _top_alive(self, grad: torch.Tensor) -> torch.Tensor | None:
-        if self.top_rows is None:
-            return None
-        return self.top_rows.to(grad.device)
 
     def _draw_rows(self, grad: torch.Tensor, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
         n = grad.shape[0]
@@ -107,11 +100,6 @@ class RowSampler:
         return grad * scale.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1))), keep
 
     # -- SampleW -------------------------------------------------------------------------------
-    def alive_rows(self, block: int) -> torch.Tensor | None:
-        """Indices of the rows alive in ``block`` during this backward (None: all of them)."""
-        mask = self.alive[block]
-        return None if mask is None else mask.nonzero().squeeze(1)
-
     def weight_gradient(self, slot: LinearSlot, grad_rows: torch.Tensor, input_rows: torch.Tensor):
         """SampleW over flattened rows: ``grad_rows (R, out)``, ``input_rows (R, in)`` -> ``(out, in)``."""
         k = slot.nu * grad_rows.shape[0]
@@ -120,6 +108,12 @@ class RowSampler:
         if not self.sample_weights or slot.nu >= 1:
             return grad_rows.t() @ input_rows
         return leverage_sample_matmul(grad_rows, input_rows, max(k, 1.0), self.generator)
+
+
+def nonzero_rows(grad: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the batch rows of ``grad`` that are not all zero; ``None`` when all of them are."""
+    nonzero = grad.reshape(grad.shape[0], -1).ne(0).any(dim=1)
+    return None if bool(nonzero.all()) else nonzero.nonzero().squeeze(1)
 
 
 class SampleActivation(torch.autograd.Function):
@@ -136,7 +130,7 @@ class SampleActivation(torch.autograd.Function):
 
 
 class SampledLinearFunction(torch.autograd.Function):
-    """``y = x W^T + b`` whose backward touches only the block's alive rows (and samples W's rows)."""
+    """``y = x W^T + b`` whose backward skips zero gradient rows (and samples W's rows)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, sampler: RowSampler, slot: LinearSlot):
@@ -147,9 +141,8 @@ class SampledLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
-        rows = ctx.sampler.alive_rows(ctx.slot.block)
-        # Rows outside the alive set carry an exactly zero gradient (nothing in a block mixes batch
-        # rows), so slicing them away changes no number, only the work done.
+        rows = nonzero_rows(grad_out)
+        # Skipped rows have an exactly zero gradient: slicing them away changes no number, only work.
         g = grad_out if rows is None else grad_out.index_select(0, rows)
         xs = x if rows is None else x.index_select(0, rows)
         grad_x = grad_w = grad_b = None

@@ -64,9 +64,14 @@ def soft_topk(scores: torch.Tensor, k: float) -> torch.Tensor:
 
 
 def bernoulli_keep(p: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Independent Bernoulli(p_i) draws (Poisson sampling) using ``generator``; returns a bool mask."""
-    u = torch.rand(p.shape, generator=generator, device=p.device, dtype=torch.float32)
-    return u < p
+    """Independent Bernoulli(p_i) draws (Poisson sampling) using ``generator``; returns a bool mask.
+
+    The uniforms are drawn on the generator's device (the CPU for the samplers' private generators)
+    and then moved, so one generator and its checkpointed state serve a model on any device.
+    """
+    device = generator.device if generator is not None else p.device
+    u = torch.rand(p.shape, generator=generator, device=device, dtype=torch.float32)
+    return u.to(p.device) < p
 
 
 def row_norms(x: torch.Tensor) -> torch.Tensor:
