@@ -53,6 +53,7 @@ class TrainerConfig:
     num_threads: int | None = None  # torch CPU threads (None: torch's default)
     progress: bool = True
     flops_every: int = 10  # count FLOPs on every n-th step and every other phase (0: never)
+    time_detail: bool | None = None  # time forward and backward apart (None: on CPU only, where it is free)
 
 
 @dataclass

@@ -13,7 +13,12 @@ COLUMNS = {  # metrics key -> column title, in display order
     "flops_reduction_analytic": "FLOPs↓ analytic",
     "flops_reduction_measured": "FLOPs↓ measured",
     "time_reduction": "Time↓",
+    "time_over_flops_reduction": "Time↓/FLOPs↓",
     "train_time_s": "train time (s)",
+    "time_forward_s": "fwd (s)",
+    "time_backward_s": "bwd (s)",
+    "time_optimizer_s": "opt (s)",
+    "time_phases_s": "phases (s)",
     "keep_ratio_mean": "kept rows",
     "steps": "steps",
     "adapt_phases": "phases",
@@ -37,7 +42,7 @@ def _cell(key: str, value: Any) -> str:
     if key in PERCENT:
         return f"{100 * value:.2f}%"
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
     return str(value)
 
 

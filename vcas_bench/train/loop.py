@@ -42,6 +42,7 @@ def train(
     device: torch.device,
     max_grad_norm: float | None = None,
     flops_every: int = 10,
+    time_detail: bool = False,
     progress: bool = True,
     on_step: Callable[[dict[str, Any]], None] | None = None,
 ) -> LoopResult:
@@ -49,6 +50,8 @@ def train(
     timer, meter = UnitTimer(device), FlopMeter(flops_every)
     result = LoopResult(timer=timer, flops=meter)
     loss_fn = meter.wrap_loss_fn(loss_fn)
+    if time_detail:  # forward timed on its own; backward = step - forward
+        loss_fn = timer.time_forward(loss_fn)
     bar = tqdm(total=total_steps, desc=sampler.name, disable=not progress, dynamic_ncols=True)
     model.train()
     epoch = 0

@@ -88,6 +88,7 @@ def run_one(
             build.build_extra_batches(data.train, batch_size, cfg.seed), optimizer, scheduler, total_steps,
             evaluate=lambda: build.evaluate(bundle, eval_loader, device), device=device,
             max_grad_norm=optim.max_grad_norm, flops_every=cfg.trainer.flops_every,
+            time_detail=device.type == "cpu" if cfg.trainer.time_detail is None else cfg.trainer.time_detail,
             progress=cfg.trainer.progress,
             on_step=_wandb_logger(cfg, spec["name"], run_dir),
         )
@@ -137,6 +138,7 @@ def _metrics(cfg, spec, result, device, total_steps, per_epoch, reference) -> di
         "time_optimizer_s": timer.total("optimizer"),
         "time_phases_s": timer.total("phase"),
         "time_per_step_ms": 1000 * (timer.mean("step") or math.nan),
+        **_forward_backward_split(timer),
         "timed_steps": timer.timed["step"],
         "timed_phases": timer.timed["phase"],
         "keep_ratio_mean": sum(r["keep_ratio"] for r in result.train_log) / result.steps,
@@ -162,6 +164,15 @@ def _metrics(cfg, spec, result, device, total_steps, per_epoch, reference) -> di
             conversion = metrics["time_reduction"] / metrics["flops_reduction_measured"]
             metrics["time_over_flops_reduction"] = conversion
     return metrics
+
+
+def _forward_backward_split(timer) -> dict[str, float]:
+    """Forward and backward seconds of all steps, when the forward was timed (detail mode)."""
+    forward, step = timer.mean("forward"), timer.mean("step")
+    if forward is None or step is None:
+        return {}
+    steps = timer.units["step"]
+    return {"time_forward_s": forward * steps, "time_backward_s": (step - forward) * steps}
 
 
 def _flatten(phase: dict[str, Any]) -> dict[str, Any]:
