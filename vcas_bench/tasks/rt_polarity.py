@@ -14,6 +14,7 @@ import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
 from vcas_bench.tasks import TaskData, package_file, register_task, split_rows
+from vcas_bench.tasks.text import tokenize
 
 __all__ = ["LABELS", "load_frame", "rt_polarity"]
 
@@ -37,19 +38,6 @@ def load_frame(data_dir: str | None = None, deduplicate: bool = True) -> pd.Data
     return frame.reset_index(drop=True)
 
 
-def _tokenized(frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, max_length: int) -> datasets.Dataset:
-    """Torch-format dataset with `input_ids`, `attention_mask` (N, max_length) and `labels` (N,)."""
-
-    def tokenize(batch: dict) -> dict:
-        encoded = tokenizer(batch["text"], padding="max_length", truncation=True, max_length=max_length)
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-
-    dataset = datasets.Dataset.from_pandas(frame, preserve_index=False)
-    # keep_in_memory: no cache files are written next to the data or the repo.
-    dataset = dataset.map(tokenize, batched=True, remove_columns=["text"], keep_in_memory=True)
-    return dataset.with_format("torch", columns=["input_ids", "attention_mask", "labels"])
-
-
 @register_task("rt-polarity", "text")
 def rt_polarity(
     tokenizer: PreTrainedTokenizerBase,
@@ -61,6 +49,8 @@ def rt_polarity(
 ) -> TaskData:
     """Binary review polarity, tokenised to `max_length` (64 covers 99.9% of reviews untruncated)."""
     train, eval_ = split_rows(load_frame(data_dir), seed, train_size, eval_size)
-    return TaskData(
-        _tokenized(train, tokenizer, max_length), _tokenized(eval_, tokenizer, max_length), 2, "text"
+    train_set, eval_set = (
+        tokenize(datasets.Dataset.from_pandas(frame, preserve_index=False), tokenizer, max_length)
+        for frame in (train, eval_)
     )
+    return TaskData(train_set, eval_set, 2, "text")
