@@ -36,7 +36,7 @@ def test_conf_groups_mirror_the_registries():
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["task=nope"], r"unknown task 'nope'; valid tasks: digits, mnist5k, rt-polarity"),
+        (["task=nope"], r"unknown task 'nope'; valid tasks: c4, cifar10, .*, rt-polarity, sst2"),
         (["model=gpt9"], r"unknown model 'gpt9'; valid models: .*minilm"),
         (["sampler=magic"], r"unknown sampler 'magic'; valid samplers: exact, sb, ub, vcas"),
         (["model.optim.lr=-1"], r"model.optim.lr must be > 0"),
@@ -65,7 +65,8 @@ def test_cli_exits_before_training_with_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "vcas-bench: error: unknown task 'nope'; valid tasks: digits, mnist5k, rt-polarity"]
+        "vcas-bench: error: unknown task 'nope'; valid tasks: "
+        "c4, cifar10, cifar100, digits, imagenet, mnist5k, mnli, qnli, qqp, rt-polarity, sst2"]
     assert not any(tmp_path.iterdir())
 
 

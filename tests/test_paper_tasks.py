@@ -11,6 +11,7 @@ import gzip
 import json
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pandas as pd
 import pytest
@@ -272,6 +273,79 @@ def test_token_blocks_cut_the_concatenated_text(bundles) -> None:
     assert (blocks[:, 0] == tokenizer.cls_token_id).all() and (blocks[:, -1] == tokenizer.sep_token_id).all()
     assert (blocks[5, 1:-1] == tokenizer.sep_token_id).sum() == 1  # the document boundary, token 51
     assert token_blocks(["word " * 50], tokenizer, 12, limit=3).shape == (3, 12)
+
+
+def _on_disk(splits: dict[str, datasets.Dataset], folder: Path) -> datasets.DatasetDict:
+    """Like a hub download: arrow files in a cache folder, so tokenised copies are cached beside them."""
+    datasets.DatasetDict(splits).save_to_disk(str(folder))
+    return datasets.load_from_disk(str(folder))
+
+
+def test_glue_from_the_hub_layout(bundles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The online branch, fed a hub-shaped MNLI (ClassLabel labels, an `idx` column, hidden test labels)."""
+    features = datasets.Features(
+        {
+            "premise": datasets.Value("string"),
+            "hypothesis": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=list(glue.MNLI_LABELS)),
+            "idx": datasets.Value("int32"),
+        }
+    )
+    rows = {
+        "premise": [p[0] for p in PAIRS * 2],
+        "hypothesis": [p[1] for p in PAIRS * 2],
+        "label": [0, 1, 2] * 2,
+        "idx": list(range(6)),
+    }
+    splits = {
+        s: datasets.Dataset.from_dict(rows, features=features)
+        for s in ("train", "validation_matched", "validation_mismatched", "test_matched")
+    }
+    hub = _on_disk(splits, tmp_path / "mnli")
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kw: calls.append(args) or hub)
+    task = create_task("mnli", bundles["text"], max_length=MAX_LENGTH, train_size=3)
+    assert calls == [(glue.HUB_NAME, "mnli")]
+    assert set(task.train.column_names) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
+    assert sorted(task.train[:]["labels"].tolist()) == [0, 1, 2]
+    assert (len(task.eval), len(task.extra_eval["mismatched"])) == (6, 6)
+    assert task.train.cache_files  # tokenised once into HF's cache, not kept in memory
+
+
+def test_images_from_the_hub_layout(bundles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The online branch, fed a hub-shaped CIFAR-100 (`img`, `fine_label`, `coarse_label`)."""
+    rng = np.random.default_rng(0)
+    features = datasets.Features(
+        {
+            "img": datasets.Image(),
+            "fine_label": datasets.ClassLabel(num_classes=100),
+            "coarse_label": datasets.ClassLabel(num_classes=20),
+        }
+    )
+    rows = {
+        "img": [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(6)],
+        "fine_label": [0, 99, 5, 0, 99, 5],
+        "coarse_label": [0] * 6,
+    }
+    split = datasets.Dataset.from_dict(rows, features=features)
+    hub = _on_disk({"train": split, "test": split}, tmp_path)
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: [hub[s] for s in split])
+    task = create_task("cifar100", bundles["image"], eval_size=3)
+    batch = _first_batch(task.train, batch_size=6)
+    assert batch["pixel_values"].shape == (6, 3, 32, 32) and batch["labels"].tolist() == rows["fine_label"]
+    assert sorted(task.eval[:]["labels"].tolist()) == [0, 5, 99]
+
+
+def test_c4_streams_a_finite_set(bundles, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Online C4 is an endless stream: `train_size` and `eval_size` blocks are taken from it."""
+    doc = {"text": "the quick brown fox jumps over the lazy dog " * 20}
+    endless = datasets.IterableDataset.from_generator(lambda: iter(lambda: doc, None))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: {"train": endless, "validation": endless})
+    tokenizer = bundles["text"].tokenizer
+    task = TASKS.create("c4", tokenizer=tokenizer, max_length=MAX_LENGTH, train_size=7, eval_size=3)
+    assert (len(task.train), len(task.eval)) == (7, 3)
+    with pytest.raises(ValueError, match="set task.args.train_size and task.args.eval_size"):
+        TASKS.create("c4", tokenizer=tokenizer, train_size=7)
 
 
 @pytest.mark.parametrize("name", NEW_TASKS)

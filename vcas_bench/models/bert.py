@@ -22,8 +22,10 @@ BLOCK_TYPE = "BertLayer"
 
 
 def text_logits(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Logits (N, num_labels) of a sequence classifier for a batch with `input_ids`, `attention_mask`."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """Logits (N, num_labels) of a sequence classifier for a batch with `input_ids`, `attention_mask`
+    and, for sentence pairs, `token_type_ids` (the segment ids BERT's GLUE fine-tuning uses)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 token_type_ids=batch.get("token_type_ids")).logits
 
 
 def minilm_path(path: str | None = None) -> str:

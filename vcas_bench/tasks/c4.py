@@ -177,7 +177,8 @@ def c4(
     eval_collator = DataCollatorForLanguageModeling(
         tokenizer, mlm_probability=mlm_probability, seed=SPLIT_SEED
     )
-    eval_set = _blocks_dataset(eval_).map(mask_transform(eval_collator), batched=True, keep_in_memory=True)
+    masked = mask_transform(eval_collator)(_blocks_dataset(eval_)[:])  # once: eval masks never change
+    eval_set = datasets.Dataset.from_dict({key: value.numpy() for key, value in masked.items()})
     train_collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability, seed=seed)
     train_set = _blocks_dataset(train).with_transform(mask_transform(train_collator))
     return TaskData(train_set, eval_set.with_format("torch"), len(tokenizer), "mlm")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -96,12 +95,19 @@ def evaluate(bundle: ModelBundle, loader: DataLoader, device: torch.device) -> d
     return {"eval_accuracy": correct / total, "eval_loss": loss_sum / total}
 
 
+def evaluate_all(
+    bundle: ModelBundle, loaders: dict[str, DataLoader], device: torch.device
+) -> dict[str, float]:
+    """:func:`evaluate` on each loader; keys ``eval_<prefix>accuracy`` (prefix "" for the main set)."""
+    results = {}
+    for prefix, loader in loaders.items():
+        scores = evaluate(bundle, loader, device)
+        results.update({key.replace("eval_", f"eval_{prefix}"): value for key, value in scores.items()})
+    return results
+
+
 def planned_steps(num_train: int, batch_size: int, epochs: float, max_steps: int | None) -> tuple[int, int]:
     """(total optimizer steps, steps per epoch) for ``epochs`` over ``num_train`` rows, capped."""
     per_epoch = max(1, num_train // batch_size)
     total = max(1, math.ceil(per_epoch * epochs))
     return (min(total, max_steps) if max_steps else total), per_epoch
-
-
-def optimizer_state(optimizer) -> dict[str, Any]:
-    return {"lr": optimizer.param_groups[0]["lr"]}

@@ -79,14 +79,16 @@ def run_one(
     optim = cfg.model.optim
     optimizer = build.build_optimizer(bundle.model, optim.name, optim.lr, optim.weight_decay, optim.momentum)
     scheduler = build.build_scheduler(optimizer, optim.schedule, total_steps, optim.warmup_ratio)
-    eval_loader = DataLoader(data.eval, batch_size=cfg.task.eval_batch_size)
+    eval_loaders = {"": DataLoader(data.eval, batch_size=cfg.task.eval_batch_size)}
+    eval_loaders.update({f"{name}_": DataLoader(ds, batch_size=cfg.task.eval_batch_size)
+                         for name, ds in data.extra_eval.items()})  # e.g. MNLI mismatched
     reset_peak_memory(device)
     try:
         result = train(
             bundle.model, sampler, build.build_loss_fn(bundle, device),
             build.build_train_loader(data.train, batch_size, cfg.seed),
             build.build_extra_batches(data.train, batch_size, cfg.seed), optimizer, scheduler, total_steps,
-            evaluate=lambda: build.evaluate(bundle, eval_loader, device), device=device,
+            evaluate=lambda: build.evaluate_all(bundle, eval_loaders, device), device=device,
             max_grad_norm=optim.max_grad_norm, flops_every=cfg.trainer.flops_every,
             time_detail=device.type == "cpu" if cfg.trainer.time_detail is None else cfg.trainer.time_detail,
             progress=cfg.trainer.progress,
