@@ -46,6 +46,7 @@ def test_conf_groups_mirror_the_registries():
         (["task.args.foo=1"], r"task 'rt-polarity' has no argument 'foo'; valid: data_dir"),
         (["trainer.max_steps=abc"], r"trainer.max_steps=abc"),
         (["baselines=[exact,nope]"], r"baselines: unknown sampler 'nope'"),
+        (["logger=mlflow"], r"logger must be null or wandb"),
     ],
 )
 def test_bad_input_is_reported_in_one_line(args, expected):

@@ -7,6 +7,7 @@ builders' keyword arguments, the sampler's settings) and reports every problem a
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,6 +128,8 @@ def validate(cfg: DictConfig) -> list[str]:
         "logger must be null or wandb": cfg.logger in (None, "wandb"),
     }
     errors += [message for message, ok in checks.items() if not ok]
+    if cfg.logger == "wandb" and importlib.util.find_spec("wandb") is None:
+        errors.append("logger=wandb needs the wandb package: pip install 'vcas-bench[wandb]'")
     for name in cfg.baselines:
         errors += [f"baselines: {e}" for e in sampler_errors({"name": name})]
     return errors
