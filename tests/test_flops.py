@@ -28,7 +28,8 @@ class Net(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.embed, self.blocks, self.head = nn.Linear(D_IN, D), nn.ModuleList([Block(), Block()]), nn.Linear(D, C)
+        self.embed, self.head = nn.Linear(D_IN, D), nn.Linear(D, C)
+        self.blocks = nn.ModuleList([Block(), Block()])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x)
