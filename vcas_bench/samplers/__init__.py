@@ -49,8 +49,12 @@ class Sampler(Protocol):
     def adapt_due(self, step: int) -> bool:
         """Whether an adaptation phase runs before optimizer step ``step`` (VCAS only)."""
 
-    def adapt(self, step: int, loss_fn: LossFn, next_batch: Callable[[], Any]) -> dict[str, Any]:
-        """Run the adaptation phase; returns what it measured and decided."""
+    def adapt(self, step: int, loss_fn: LossFn, next_batch: Callable[[], Any], batch: Any) -> dict[str, Any]:
+        """Run the adaptation phase before training on ``batch``; returns what it measured and decided.
+
+        ``phase["folded_step"]`` true means the phase already computed this step's gradient (its cost
+        is the phase's), so :meth:`step` only applies it.
+        """
 
     def detach(self) -> None:
         """Undo :meth:`attach` (unwrap the model)."""

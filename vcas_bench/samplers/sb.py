@@ -86,7 +86,7 @@ class SelectiveBackpropSampler:
     def adapt_due(self, step: int) -> bool:
         return False
 
-    def adapt(self, step: int, loss_fn: LossFn, next_batch: Callable[[], Any]) -> dict[str, Any]:
+    def adapt(self, step: int, loss_fn: LossFn, next_batch: Callable[[], Any], batch: Any) -> dict[str, Any]:
         raise RuntimeError(f"{self.name} has no adaptation phase")
 
     def detach(self) -> None:

@@ -37,16 +37,22 @@ class VcasSampler:
         F: int | None = None
         rho_ema: float = 0.6
         param_sample_ratio: float = 0.01
+        # Beyond the paper (vcas_bench/vcas/README.md, "vcas-plus"); off here, on in `vcas-plus`.
+        reuse_forward: bool = False
+        fold_batch: bool = False
+        alpha_max: float | None = None
+        beta_min: float | None = None
+        F_max_factor: int | None = None  # adaptive period up to F_max_factor * F
 
         def __post_init__(self) -> None:
             self.to_config(F=1)  # range checks live in VcasConfig
 
         def to_config(self, F: int, seed: int = 0) -> VcasConfig:
             fields = asdict(self)
-            tau = fields.pop("tau")
+            tau, factor = fields.pop("tau"), fields.pop("F_max_factor")
             fields["tau_act"] = tau if self.tau_act is None else self.tau_act
             fields["tau_w"] = tau if self.tau_w is None else self.tau_w
-            fields["F"] = F
+            fields["F"], fields["F_max"] = F, (F * factor if factor else None)
             return VcasConfig(**fields, seed=seed)
 
     def __init__(self, settings: Settings, seed: int = 0) -> None:
@@ -59,6 +65,14 @@ class VcasSampler:
 
     def step(self, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> StepStats:
         ctl = self.controller
+        folded = ctl.take_folded()
+        if folded is not None:  # this batch's exact gradient was computed in the phase: use it
+            loss, grads = folded
+            for param, grad in zip(ctl.params, grads):
+                if grad is not None:
+                    param.grad = grad if param.grad is None else param.grad + grad
+            ctl.count_step(cost=0.0)  # its FLOPs are in the phase's cost
+            return StepStats(loss=loss, keep_ratio=1.0, analytic_cost=0.0, extra={"folded": 1.0, "s": ctl.s})
         cost = ctl.step_cost()
         losses, _ = loss_fn(batch)
         loss = mean_loss_backward(losses)
@@ -70,14 +84,15 @@ class VcasSampler:
     def adapt_due(self, step: int) -> bool:
         return self.controller.should_adapt(step)
 
-    def adapt(self, step: int, loss_fn: LossFn, next_batch: Callable[[], Any]) -> dict[str, Any]:
+    def adapt(self, step: int, loss_fn: LossFn, next_batch: Callable[[], Any], batch: Any) -> dict[str, Any]:
         ctl = self.controller
         # The paper's per-interval cost r (§1.11), at the schedule used since the last phase.
         interval_ratio = interval_cost_ratio(ctl.rho, ctl.nu_per_block(), ctl.config.M, ctl.config.F)
-        batches = [next_batch() for _ in range(ctl.config.M)]
+        fold = ctl.config.fold_batch
+        batches = [batch] * fold + [next_batch() for _ in range(ctl.config.M - fold)]
         stats = ctl.adapt(lambda b: loss_fn(b)[0].mean(), batches, step)
-        return {"step": step, "F": ctl.config.F, **stats.summary(), "interval_flops_ratio": interval_ratio,
-                "analytic_flops_ratio_so_far": ctl.analytic_flops_ratio(), "rho": stats.rho, "nu": stats.nu,
+        return {"step": step, "F": ctl.F_now, **stats.summary(), "interval_flops_ratio": interval_ratio,
+                "analytic_flops_ratio_so_far": ctl.analytic_flops_ratio(), "folded_step": fold, "rho": stats.rho, "nu": stats.nu,
                 "V_s_layer": stats.V_s_layer, "V_w_layer": stats.V_w_layer}
 
     def detach(self) -> None:
@@ -89,3 +104,19 @@ class VcasSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.controller.load_state_dict(state)
+
+
+@SAMPLERS.register("vcas-plus")
+class VcasPlusSampler(VcasSampler):
+    """VCAS with the short-run improvements on (vcas_bench/vcas/README.md, "vcas-plus")."""
+
+    name = "vcas-plus"
+
+    @dataclass
+    class Settings(VcasSampler.Settings):
+        rho_ema: float = 0.0  # follow s at once: the EMA only adds lag once s converges in few phases
+        reuse_forward: bool = True
+        fold_batch: bool = True
+        alpha_max: float | None = 0.16
+        beta_min: float | None = 0.7
+        F_max_factor: int | None = 4

@@ -57,17 +57,20 @@ def train(
     epoch = 0
     while result.steps < total_steps:
         for batch in loader:
-            step = result.steps
+            step, phase = result.steps, None
             if sampler.adapt_due(step):  # VCAS's variance phase: extra passes on their own batches
                 probe = meter.is_probe("phase", len(result.phase_log))
                 with timer.unit("phase", timed=not probe), meter.unit("phase", probe):
-                    phase = sampler.adapt(step, loss_fn, next_extra_batch)
+                    phase = sampler.adapt(step, loss_fn, next_extra_batch, batch)
                 result.phase_log.append(phase)
                 result.analytic_cost += phase.get("phase_cost", 0.0)
-            probe = meter.is_probe("step", step)
-            # Warm-up and counted steps run like any other but are left out of the timing.
-            with timer.unit("step", timed=step >= WARMUP_STEPS and not probe), meter.unit("step", probe):
-                stats = sampler.step(batch, loss_fn)
+            if phase is not None and phase.get("folded_step"):
+                stats = sampler.step(batch, loss_fn)  # applies the phase's exact gradient: phase work
+            else:
+                probe = meter.is_probe("step", step)
+                # Warm-up and counted steps run like any other but are left out of the timing.
+                with timer.unit("step", timed=step >= WARMUP_STEPS and not probe), meter.unit("step", probe):
+                    stats = sampler.step(batch, loss_fn)
             with timer.unit("optimizer", timed=step >= WARMUP_STEPS):
                 if max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)

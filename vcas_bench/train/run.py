@@ -72,7 +72,7 @@ def run_one(
     batch_size = cfg.task.batch_size
     total_steps, per_epoch = build.planned_steps(len(data.train), batch_size, cfg.task.epochs,
                                                   cfg.trainer.max_steps)
-    if spec["name"] == "vcas" and settings.get("F") is None and cfg.task.vcas_F:
+    if spec["name"].startswith("vcas") and settings.get("F") is None and cfg.task.vcas_F:
         settings["F"] = cfg.task.vcas_F
     sampler = create_sampler(spec["name"], seed=cfg.seed, **settings)
     sampler.attach(bundle.model, cfg.model.block_type, total_steps)

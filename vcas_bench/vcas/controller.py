@@ -51,12 +51,21 @@ class VcasConfig:
     rho_ema: float = 0.6  # the authors' code smooths the rho schedule; 0 disables it
     param_sample_ratio: float = 0.01  # fraction of weight entries used for the variance sums
     seed: int = 0
+    # Beyond the paper, all off by default (the runner's `vcas-plus` preset turns them on):
+    reuse_forward: bool = False  # one forward per variance batch; its exact and SampleA backwards share it
+    fold_batch: bool = False  # the scheduled batch is the phase's first batch; its exact gradient is kept
+    alpha_max: float | None = None  # s step starts here and halves at every sign flip, down to alpha
+    beta_min: float | None = None  # per-linear nu multiplier starts here, moves halfway to beta at each flip
+    F_max: int | None = None  # adaptive period: doubles (to F_max) while s oscillates, back to F on a drift
 
     def __post_init__(self) -> None:
         checks = {
             "tau_act": self.tau_act >= 0, "tau_w": self.tau_w >= 0, "alpha": 0 < self.alpha <= 1,
             "beta": 0 < self.beta < 1, "M": self.M >= 2, "F": self.F >= 1,
             "rho_ema": 0 <= self.rho_ema < 1, "param_sample_ratio": 0 < self.param_sample_ratio <= 1,
+            "alpha_max": self.alpha_max is None or self.alpha <= self.alpha_max <= 1,
+            "beta_min": self.beta_min is None or 0 < self.beta_min <= self.beta,
+            "F_max": self.F_max is None or self.F_max >= self.F,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -113,6 +122,15 @@ class VcasController:
         self.steps = 0
         self.phases = 0
         self.cost_units = 0.0  # analytic FLOPs spent, in units of one exact FP+BP (§1.11)
+        cfg = self.config
+        self.alpha_now = cfg.alpha_max or cfg.alpha  # current s step (shrinks at sign flips)
+        self.beta_now = [cfg.beta_min or cfg.beta] * len(self.sampler.linears)
+        self.nu_direction = [0] * len(self.sampler.linears)
+        self.direction = 0  # sign of the last s move
+        self.F_now = cfg.F
+        self.next_phase = 0
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.folded: tuple[float, list[torch.Tensor]] | None = None  # (loss, gradient) of a folded batch
 
     # -- public API ----------------------------------------------------------------------------
     @property
@@ -124,8 +142,10 @@ class VcasController:
         return [slot.nu for slot in self.sampler.linears]
 
     def should_adapt(self, step: int) -> bool:
-        """Algorithm 1 adapts at optimizer steps 0, F, 2F, ..."""
-        return step % self.config.F == 0
+        """Algorithm 1 adapts at optimizer steps 0, F, 2F, ...; with ``F_max``, F steps after the last phase."""
+        if self.config.F_max is None:
+            return step % self.config.F == 0
+        return step >= self.next_phase
 
     def step_cost(self) -> float:
         """Analytic FLOPs of one training step at the current rho / nu, relative to exact (§1.11)."""
@@ -133,12 +153,18 @@ class VcasController:
 
     def phase_cost(self) -> float:
         """Analytic FLOPs of one variance phase at the current rho, in exact FP+BP steps (§1.11)."""
-        return phase_cost_ratio(self.sampler.rho, self.config.M)
+        return phase_cost_ratio(self.sampler.rho, self.config.M, self.config.reuse_forward)
 
-    def count_step(self) -> None:
-        """Record one sampled training step for the analytic FLOPs ratio."""
+    def count_step(self, cost: float | None = None) -> None:
+        """Record one training step for the analytic FLOPs ratio (``cost`` overrides the sampled one)."""
         self.steps += 1
-        self.cost_units += self.step_cost()
+        self.cost_units += self.step_cost() if cost is None else cost
+
+    def take_folded(self) -> tuple[float, list[torch.Tensor]] | None:
+        """With ``fold_batch``: the loss and full gradient (over ``self.params``) of the last phase's
+        first batch, once; the caller uses it as that step's update instead of a sampled backward."""
+        folded, self.folded = self.folded, None
+        return folded
 
     def analytic_flops_ratio(self) -> float:
         """Analytic FLOPs spent so far relative to exact training of the same steps (§1.11)."""
@@ -157,6 +183,7 @@ class VcasController:
         stats = self._estimate(loss_fn, batches)
         self._update(stats, step, cost)
         self.phases += 1
+        self.next_phase = step + self.F_now
         return self.history[-1]
 
     def state_dict(self) -> dict[str, Any]:
@@ -164,6 +191,8 @@ class VcasController:
             "config": asdict(self.config), "s": self.s, "rho": self.rho, "nu": self.nu,
             "steps": self.steps, "phases": self.phases, "cost_units": self.cost_units,
             "generator": self.generator.get_state(), "history": [asdict(h) for h in self.history],
+            "alpha_now": self.alpha_now, "beta_now": self.beta_now, "nu_direction": self.nu_direction,
+            "direction": self.direction, "F_now": self.F_now, "next_phase": self.next_phase,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -174,6 +203,8 @@ class VcasController:
             slot.nu = nu
         self.generator.set_state(state["generator"])
         self.history = [PhaseStats(**h) for h in state["history"]]
+        for key in ("alpha_now", "beta_now", "nu_direction", "direction", "F_now", "next_phase"):
+            setattr(self, key, state[key])
 
     # -- variance phase ------------------------------------------------------------------------
     def _estimate(self, loss_fn: LossFn, batches: list[Any]) -> dict[str, Any]:
@@ -187,19 +218,22 @@ class VcasController:
         candidates = {+1: torch.zeros(sampler.num_blocks), -1: torch.zeros(sampler.num_blocks)}
         for slot in sampler.linears:
             slot.weight_variance = 0.0
-        for batch in batches:
+        for i, batch in enumerate(batches):
             rng_before = _rng_state()
-            g_exact = self._pass(loss_fn, batch, weights, entries, exact=True)
+            loss = loss_fn(batch)
+            g_exact = self._pass(loss, weights, entries, exact=True, fold=cfg.fold_batch and i == 0)
             for sign in (+1, -1):
                 s_cand = min(max(self.s + sign * alpha, 0.0), 1.0)
                 candidates[sign] += torch.tensor([find_top_sum(n, s_cand) for n in sampler.norms])
             for g, t, t2 in zip(g_exact, sum_g, sum_g2):
                 t += g
                 t2 += g.square()
-            for _ in range(cfg.M):
-                with torch.random.fork_rng(devices=_cuda_devices(weights)):
-                    _set_rng_state(rng_before)  # same dropout masks as the exact pass
-                    g_act = self._pass(loss_fn, batch, weights, entries, exact=False)
+            for j in range(cfg.M):
+                if not cfg.reuse_forward:
+                    with torch.random.fork_rng(devices=_cuda_devices(weights)):
+                        _set_rng_state(rng_before)  # same dropout masks as the exact pass
+                        loss = loss_fn(batch)
+                g_act = self._pass(loss, weights, entries, exact=False, retain=j < cfg.M - 1)
                 act_sq += torch.tensor([(a - e).square().sum().item() for a, e in zip(g_act, g_exact)],
                                        dtype=torch.float64)
         M, r = cfg.M, cfg.param_sample_ratio
@@ -211,17 +245,28 @@ class VcasController:
             "p": {sign: (c / M).tolist() for sign, c in candidates.items()},
         }
 
-    def _pass(self, loss_fn: LossFn, batch: Any, weights, entries, exact: bool) -> list[torch.Tensor]:
-        """One forward + backward; returns the sampled entries of each linear weight's gradient."""
+    def _pass(self, loss: torch.Tensor, weights, entries, exact: bool, retain: bool = False,
+              fold: bool = False) -> list[torch.Tensor]:
+        """One backward of ``loss``; returns the sampled entries of each linear weight's gradient.
+
+        The graph is kept for the SampleA passes when they reuse the forward. With ``fold`` the exact
+        gradient of every parameter is computed and kept for :meth:`take_folded`.
+        """
         sampler = self.sampler
         saved = (sampler.sample_activations, sampler.sample_weights)
         sampler.sample_activations, sampler.sample_weights = not exact, False
         sampler.record_norms, sampler.record_weight_variance = exact, not exact
+        retain = retain or (exact and self.config.reuse_forward)
         try:
-            grads = torch.autograd.grad(loss_fn(batch), weights)
+            targets = self.params if fold else weights
+            grads = torch.autograd.grad(loss, targets, retain_graph=retain, allow_unused=fold)
         finally:
             sampler.sample_activations, sampler.sample_weights = saved
             sampler.record_norms = sampler.record_weight_variance = False
+        if fold:
+            self.folded = (float(loss.detach()), list(grads))
+            by_id = {id(p): g for p, g in zip(self.params, grads)}
+            grads = [by_id[id(w)] for w in weights]
         return [g.detach().flatten()[e].float() for g, e in zip(grads, entries)]
 
     def _entry_subset(self, weight: torch.Tensor) -> torch.Tensor:
@@ -236,15 +281,37 @@ class VcasController:
         cfg, sampler = self.config, self.sampler
         V_s = sum(est["V_s_layer"])
         direction = +1 if est["V_act"] - cfg.tau_act * V_s >= 0 else -1
-        self.s = min(max(self.s + direction * cfg.alpha, 0.0), 1.0)
+        self._adapt_step_and_period(direction)
+        self.s = min(max(self.s + direction * self.alpha_now, 0.0), 1.0)
         target = monotone_envelope(est["p"][direction])
         sampler.rho = [cfg.rho_ema * old + (1 - cfg.rho_ema) * new for old, new in zip(sampler.rho, target)]
-        for slot, v_w, v_s in zip(sampler.linears, est["V_w_layer"], est["V_s_layer"]):
-            slot.nu = min(1.0, slot.nu / cfg.beta) if v_w > cfg.tau_w * v_s else slot.nu * cfg.beta
+        for i, (slot, v_w, v_s) in enumerate(zip(sampler.linears, est["V_w_layer"], est["V_s_layer"])):
+            up = v_w > cfg.tau_w * v_s
+            beta = self._nu_multiplier(i, +1 if up else -1)
+            slot.nu = min(1.0, slot.nu / beta) if up else slot.nu * beta
         self.history.append(PhaseStats(
             step=step, s=self.s, V_s=V_s, V_act=est["V_act"], V_w=sum(est["V_w_layer"]),
             rho=self.rho, nu=self.nu, V_s_layer=est["V_s_layer"], V_w_layer=est["V_w_layer"], cost=cost,
         ))
+
+    def _adapt_step_and_period(self, direction: int) -> None:
+        """Bisection-like s step (``alpha_max``) and adaptive period (``F_max``), from the sign history."""
+        cfg = self.config
+        flipped = self.direction != 0 and direction != self.direction
+        if flipped:
+            self.alpha_now = max(cfg.alpha, self.alpha_now / 2)
+        if cfg.F_max is not None and self.direction != 0:
+            # Oscillating around the target: the schedule is settled, adapt less often. Drifting: as F.
+            self.F_now = min(cfg.F_max, 2 * self.F_now) if flipped else cfg.F
+        self.direction = direction
+
+    def _nu_multiplier(self, i: int, direction: int) -> float:
+        """The multiplier for linear ``i``: ``beta``, or with ``beta_min`` one that approaches it at flips."""
+        cfg = self.config
+        if self.nu_direction[i] != 0 and direction != self.nu_direction[i]:
+            self.beta_now[i] = min(cfg.beta, 1 - (1 - self.beta_now[i]) / 2)
+        self.nu_direction[i] = direction
+        return self.beta_now[i]
 
     def nu_per_block(self) -> list[list[float]]:
         """nu of each block's linears, grouped by block."""

@@ -20,9 +20,10 @@ def step_cost_ratio(rho: list[float], nu_per_block: list[list[float]]) -> float:
     return (1 + _mean(rho) + weight_bwd) / 3
 
 
-def phase_cost_ratio(rho: list[float], M: int) -> float:
-    """One variance phase: ``M`` exact passes plus ``M^2`` SampleA-only passes (``C_a = 1 + 2 mean rho``)."""
-    return (3 * M + M**2 * (1 + 2 * _mean(rho))) / 3
+def phase_cost_ratio(rho: list[float], M: int, reuse_forward: bool = False) -> float:
+    """One variance phase: ``M`` exact passes plus ``M^2`` SampleA-only passes (``C_a = 1 + 2 mean rho``;
+    without their forward, ``2 mean rho``, when they reuse the exact pass's forward)."""
+    return (3 * M + M**2 * ((0 if reuse_forward else 1) + 2 * _mean(rho))) / 3
 
 
 def interval_cost_ratio(rho: list[float], nu_per_block: list[list[float]], M: int, F: int) -> float:

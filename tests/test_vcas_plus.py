@@ -1,0 +1,135 @@
+"""The options beyond the paper (``vcas-plus``): each keeps what it must — the same estimates, the exact
+gradient on the folded step, a controller that moves the right way — and the preset still holds
+V_act/V_s near tau end to end."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+
+import pytest
+import torch
+from test_vcas_controller import _batches, _bert, _controller, _loss_fn, _trace
+
+from vcas_bench.samplers import create_sampler
+from vcas_bench.vcas import phase_cost_ratio
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_reusing_the_forward_changes_no_estimate(dropout):
+    """The SampleA passes on the exact pass's graph see the same dropout masks the RNG replay gives and
+    draw the same masks from the private generator: identical s, rho, nu, V_s, V_act, V_w traces."""
+    traces = []
+    for reuse in (False, True):
+        ctrl = _controller(_bert(dropout), param_sample_ratio=1.0, reuse_forward=reuse, F=1)
+        ctrl.sampler.rho = [0.5, 0.6, 0.7]
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # both variants start from the same dropout stream
+            for phase in range(3):
+                ctrl.adapt(_loss_fn(ctrl.wrapped.model), _batches(2, seed=phase), step=phase)
+        traces.append(_trace(ctrl))
+    assert traces[0] == traces[1]
+    assert phase_cost_ratio([1.0], 2, reuse_forward=True) == pytest.approx(2 + 4 * 2 / 3)
+
+
+def test_folded_step_applies_the_exact_gradient_of_the_scheduled_batch():
+    model = _bert(0.0)
+    batch = _batches(1, seed=9)[0]
+    exact = torch.autograd.grad(_loss_fn(model)(batch), list(model.parameters()))
+    sampler = create_sampler("vcas-plus", seed=0, F=3)
+    sampler.attach(model, "BertLayer", total_steps=30)
+    extra_calls = []
+
+    def next_batch():
+        extra_calls.append(1)
+        return _batches(1, seed=100 + len(extra_calls))[0]
+
+    def loss_fn(b):
+        out = model(**b)
+        return torch.nn.functional.cross_entropy(out.logits, b["labels"], reduction="none"), out.logits
+
+    assert sampler.adapt_due(0)
+    phase = sampler.adapt(0, loss_fn, next_batch, batch)
+    assert phase["folded_step"] and len(extra_calls) == 1  # M = 2: the scheduled batch + one fresh one
+    stats = sampler.step(batch, loss_fn)
+    assert stats.extra["folded"] == 1.0 and stats.analytic_cost == 0.0
+    for param, grad in zip(model.parameters(), exact):
+        torch.testing.assert_close(param.grad, grad, rtol=1e-5, atol=1e-7)
+    model.zero_grad()
+    assert sampler.step(batch, loss_fn).extra.get("folded") is None  # the next step samples again
+    sampler.detach()
+
+
+def _drive(ctrl, signs: list[int]) -> list[float]:
+    """Phases whose V_act is forced above (+1: tau_act = 0) or below (-1: huge tau_act) the target."""
+    s_values = []
+    for phase, sign in enumerate(signs):
+        ctrl.config.tau_act = 0.0 if sign > 0 else 1e9
+        ctrl.adapt(_loss_fn(ctrl.wrapped.model), _batches(2, seed=phase), step=phase * ctrl.F_now)
+        s_values.append(round(ctrl.s, 6))
+    return s_values
+
+
+def test_s_step_starts_large_and_halves_at_each_flip():
+    ctrl = _controller(alpha=0.01, alpha_max=0.16, F=1)
+    ctrl.s = 0.5
+    ctrl.sampler.rho = [0.5, 0.5, 0.5]  # rho < 1, so V_act > 0 and tau_act = 0 means "too much variance"
+    assert _drive(ctrl, [-1, -1, +1, -1, +1, +1, -1]) == [0.34, 0.18, 0.26, 0.22, 0.24, 0.26, 0.25]
+    for _ in range(4):
+        _drive(ctrl, [+1, -1])
+    assert ctrl.alpha_now == 0.01  # floored at alpha
+
+
+def test_nu_multiplier_approaches_beta_at_each_flip():
+    ctrl = _controller(beta=0.95, beta_min=0.7, F=1, tau_w=1e9)  # V_w below target: nu falls
+    ctrl.adapt(_loss_fn(ctrl.wrapped.model), _batches(2), step=0)
+    assert ctrl.nu == pytest.approx([0.7] * len(ctrl.nu))
+    ctrl.config.tau_w = 0.0  # now above target wherever nu < 1 gives V_w > 0: nu rises there, a flip
+    ctrl.adapt(_loss_fn(ctrl.wrapped.model), _batches(2, seed=1), step=1)
+    # Linears whose gradient has fewer non-zero token rows than nu keeps (the top block after the
+    # attention sees only the [CLS] row) have V_w = 0: they keep falling, at the unchanged multiplier.
+    flipped = [v > 0 for v in ctrl.history[-1].V_w_layer]
+    assert sum(flipped) >= len(flipped) // 2
+    for i, up in enumerate(flipped):
+        assert ctrl.beta_now[i] == pytest.approx(0.85 if up else 0.7)
+        assert ctrl.nu[i] == pytest.approx(0.7 / 0.85 if up else 0.7 * 0.7)
+
+
+def test_period_doubles_while_s_oscillates_and_resets_on_a_drift():
+    ctrl = _controller(F=2, F_max=8, alpha_max=0.08)
+    ctrl.s = 0.5
+    ctrl.sampler.rho = [0.5, 0.5, 0.5]
+    periods = []
+    for sign in [-1, +1, -1, +1, +1]:
+        _drive(ctrl, [sign])
+        periods.append(ctrl.F_now)
+    assert periods == [2, 4, 8, 8, 2]
+    assert not ctrl.should_adapt(ctrl.next_phase - 1) and ctrl.should_adapt(ctrl.next_phase)
+
+
+@pytest.fixture(scope="module")
+def plus_run(tmp_path_factory):
+    """vcas-plus alone on the end-to-end setting of test_vcas_e2e (MiniLM, rt-polarity, 200 steps, seq
+    32, F = 10, tau = 0.025), with the preset's own alpha/beta schedules. ~2.5 minutes on 2 cores."""
+    from conftest import compose_config
+
+    from vcas_bench.train.run import run
+
+    out = tmp_path_factory.mktemp("vcas-plus")
+    cfg = compose_config([
+        "trainer.progress=false", "trainer.device=cpu", f"output_dir={out}", "trainer.max_steps=200",
+        "task.args.max_length=32", "task.args.train_size=6400", "task.args.eval_size=500",
+        "sampler=vcas-plus", "baselines=[]", "sampler.F=10",
+    ])
+    (metrics,) = run(cfg, out)
+    with open(out / "vcas-plus" / "sampler_log.csv") as handle:
+        return metrics, list(csv.DictReader(handle))
+
+
+def test_vcas_plus_holds_the_variance_near_tau(plus_run):
+    """As for vcas (test_vcas_e2e): after 3 warm-up phases the median V_act/V_s is within [tau/3, 3 tau]."""
+    metrics, phases = plus_run
+    ratios = [float(p["V_act_over_V_s"]) for p in phases[3:]]
+    assert len(ratios) >= 5
+    assert 0.025 / 3 <= statistics.median(ratios) <= 3 * 0.025, ratios
+    assert metrics["keep_ratio_mean"] < 1.0
