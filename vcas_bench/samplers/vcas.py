@@ -72,7 +72,8 @@ class VcasSampler:
                 if grad is not None:
                     param.grad = grad if param.grad is None else param.grad + grad
             ctl.count_step(cost=0.0)  # its FLOPs are in the phase's cost
-            return StepStats(loss=loss, keep_ratio=1.0, analytic_cost=0.0, extra={"folded": 1.0, "s": ctl.s})
+            extra = {"folded": 1.0, "s": ctl.s}
+            return StepStats(loss=loss, keep_ratio=1.0, analytic_cost=0.0, extra=extra)
         cost = ctl.step_cost()
         losses, _ = loss_fn(batch)
         loss = mean_loss_backward(losses)

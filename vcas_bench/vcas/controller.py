@@ -142,7 +142,7 @@ class VcasController:
         return [slot.nu for slot in self.sampler.linears]
 
     def should_adapt(self, step: int) -> bool:
-        """Algorithm 1 adapts at optimizer steps 0, F, 2F, ...; with ``F_max``, F steps after the last phase."""
+        """Algorithm 1 adapts at steps 0, F, 2F, ...; with ``F_max``, ``F_now`` steps after the last phase."""
         if self.config.F_max is None:
             return step % self.config.F == 0
         return step >= self.next_phase
