@@ -93,8 +93,8 @@ class VcasSampler:
         batches = [batch] * fold + [next_batch() for _ in range(ctl.config.M - fold)]
         stats = ctl.adapt(lambda b: loss_fn(b)[0].mean(), batches, step)
         return {"step": step, "F": ctl.F_now, **stats.summary(), "interval_flops_ratio": interval_ratio,
-                "analytic_flops_ratio_so_far": ctl.analytic_flops_ratio(), "folded_step": fold, "rho": stats.rho, "nu": stats.nu,
-                "V_s_layer": stats.V_s_layer, "V_w_layer": stats.V_w_layer}
+                "analytic_flops_ratio_so_far": ctl.analytic_flops_ratio(), "folded_step": fold,
+                "rho": stats.rho, "nu": stats.nu, "V_s_layer": stats.V_s_layer, "V_w_layer": stats.V_w_layer}
 
     def detach(self) -> None:
         if self.controller is not None:
