@@ -171,7 +171,7 @@ def _record(path: Path, results_dir: Path) -> dict[str, Any] | None:
         "dataset": PROXY_FOR.get(str(metrics.get("task")), f"({metrics.get('task')})"),
         "setting": setting_label(metrics), "variant": variant(sampler, settings, F),
         "tau": 0.0 if sampler == "exact" else (act if act == w else None),
-        "F": 0.0 if sampler == "exact" else F,
+        "F": 0.0 if sampler == "exact" else F, "flops_total": _number(metrics.get("flops_total")),
         **{col: (None if (v := _number(metrics.get(key))) is None else v * factor)
            for col, (key, factor) in OURS.items()},
     }
@@ -184,9 +184,25 @@ def load_runs(results_dir: Path) -> pd.DataFrame:
                    if not SKIP_DIRS & set(p.relative_to(results_dir).parts[:1]))
     records = [r for r in (_record(p, results_dir) for p in paths) if r is not None]
     columns = ["run_dir", "comparison_dir", "task", "model", "sampler", "method", "seed", "experiment",
-               "paper_task", "paper_model", "dataset", "setting", "variant", "tau", "F", *OURS]
+               "paper_task", "paper_model", "dataset", "setting", "variant", "tau", "F", "flops_total", *OURS]
     runs = pd.DataFrame(records, columns=columns)
-    runs[list(OURS)] = runs[list(OURS)].astype(float)
+    runs[[*OURS, "flops_total"]] = runs[[*OURS, "flops_total"]].astype(float)
+    return _measured_reduction_from_sweep_reference(runs)
+
+
+def _measured_reduction_from_sweep_reference(runs: pd.DataFrame) -> pd.DataFrame:
+    """Sweep jobs run without an exact baseline of their own: their measured FLOPs↓ is taken against the
+    exact run of the same experiment, task, model, steps/batch and seed. FLOP counts do not depend on
+    the process or the machine's load, so this is sound for FLOPs (not for time, which is left out)."""
+    keys = ["experiment", "task", "model", "setting", "seed"]
+    exact = runs[(runs["sampler"] == "exact") & runs["flops_total"].notna()]
+    reference = {tuple(row[k] for k in keys): row["flops_total"] for _, row in exact.iterrows()}
+    missing = (runs["flops_reduction_measured_pct"].isna() & runs["flops_total"].notna()
+               & (runs["sampler"] != "exact"))
+    for index in runs.index[missing]:
+        total = reference.get(tuple(runs.at[index, k] for k in keys))
+        if total:
+            runs.at[index, "flops_reduction_measured_pct"] = 100 * (1 - runs.at[index, "flops_total"] / total)
     return runs
 
 
