@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vcas_bench.vcas import Wrapped, keep_ratio_cost, unwrap, wrap
+from vcas_bench.vcas import Wrapped, unwrap, wrap
 
 
 class RowSubsetBackward:
@@ -40,7 +40,3 @@ class RowSubsetBackward:
         (losses * weights.to(losses.dtype)).sum().backward()
         return float(keep.float().mean())
 
-
-def keep_ratio_step_cost(keep_ratio: float) -> float:
-    """Analytic cost of a step that backpropagates ``keep_ratio`` of the batch (§1.11)."""
-    return keep_ratio_cost(keep_ratio)

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from vcas_bench.samplers import SAMPLERS, LossFn, StepStats
-from vcas_bench.samplers.rows import RowSubsetBackward, keep_ratio_step_cost
+from vcas_bench.samplers.rows import RowSubsetBackward
+from vcas_bench.vcas import keep_ratio_cost
 
 
 def loss_percentiles(losses: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
@@ -81,7 +82,7 @@ class SelectiveBackpropSampler:
         weights = keep.float() / keep.sum().clamp_min(1)  # unweighted mean over the kept examples
         ratio = self.rows.backward(losses, weights)
         return StepStats(loss=float(losses.detach().mean()), keep_ratio=ratio,
-                         analytic_cost=keep_ratio_step_cost(ratio))
+                         analytic_cost=keep_ratio_cost(ratio))
 
     def adapt_due(self, step: int) -> bool:
         return False

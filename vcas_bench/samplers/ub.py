@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from vcas_bench.samplers import SAMPLERS, LossFn, StepStats
-from vcas_bench.samplers.rows import RowSubsetBackward, keep_ratio_step_cost
+from vcas_bench.samplers.rows import RowSubsetBackward
+from vcas_bench.vcas import keep_ratio_cost
 
 
 def gradient_norm_bound(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -84,7 +85,7 @@ class UpperBoundSampler:
         weights = importance_weights(p, draws, self.generator).to(losses.device)
         ratio = self.rows.backward(losses, weights)
         return StepStats(loss=float(losses.detach().mean()), keep_ratio=ratio,
-                         analytic_cost=keep_ratio_step_cost(ratio))
+                         analytic_cost=keep_ratio_cost(ratio))
 
     def adapt_due(self, step: int) -> bool:
         return False
