@@ -133,3 +133,20 @@ def test_vcas_plus_holds_the_variance_near_tau(plus_run):
     assert len(ratios) >= 5
     assert 0.025 / 3 <= statistics.median(ratios) <= 3 * 0.025, ratios
     assert metrics["keep_ratio_mean"] < 1.0
+
+
+def test_rho_matches_the_new_s_when_the_step_is_large_or_halved():
+    """With alpha_max the s step is not alpha, and after a sign flip it is halved: rho (rho_ema = 0) must
+    still be Eq. 4 at the s actually reached (0.5 - 0.16 = 0.34, then 0.34 + 0.08 = 0.42)."""
+    from test_vcas_controller import _expected_rho
+
+    ctrl = _controller(tau_act=1e9, alpha=0.01, alpha_max=0.16, rho_ema=0.0, F=1)
+    ctrl.s = 0.5
+    ctrl.sampler.rho = [0.5, 0.5, 0.5]
+    for tau_act, seed, s_new in ((1e9, 3, 0.34), (0.0, 4, 0.42)):
+        ctrl.config.tau_act = tau_act
+        batches = _batches(2, seed=seed)
+        ctrl.adapt(_loss_fn(ctrl.wrapped.model), batches, step=seed)
+        assert ctrl.s == pytest.approx(s_new)
+        expected = _expected_rho(_bert(), batches, s_new)
+        torch.testing.assert_close(torch.tensor(ctrl.rho), torch.tensor(expected, dtype=torch.float32))

@@ -214,7 +214,6 @@ class VcasController:
         sum_g = [torch.zeros(len(e), device=w.device) for e, w in zip(entries, weights)]
         sum_g2 = [torch.zeros_like(t) for t in sum_g]
         act_sq = torch.zeros(len(weights), dtype=torch.float64)
-        alpha = cfg.alpha
         candidates = {+1: torch.zeros(sampler.num_blocks), -1: torch.zeros(sampler.num_blocks)}
         for slot in sampler.linears:
             slot.weight_variance = 0.0
@@ -223,7 +222,7 @@ class VcasController:
             loss = loss_fn(batch)
             g_exact = self._pass(loss, weights, entries, exact=True, fold=cfg.fold_batch and i == 0)
             for sign in (+1, -1):
-                s_cand = min(max(self.s + sign * alpha, 0.0), 1.0)
+                s_cand = min(max(self.s + sign * self._s_step(sign), 0.0), 1.0)
                 candidates[sign] += torch.tensor([find_top_sum(n, s_cand) for n in sampler.norms])
             for g, t, t2 in zip(g_exact, sum_g, sum_g2):
                 t += g
@@ -281,7 +280,9 @@ class VcasController:
         cfg, sampler = self.config, self.sampler
         V_s = sum(est["V_s_layer"])
         direction = +1 if est["V_act"] - cfg.tau_act * V_s >= 0 else -1
-        self._adapt_step_and_period(direction)
+        self.alpha_now = self._s_step(direction)
+        self._adapt_period(direction)
+        self.direction = direction
         self.s = min(max(self.s + direction * self.alpha_now, 0.0), 1.0)
         target = monotone_envelope(est["p"][direction])
         sampler.rho = [cfg.rho_ema * old + (1 - cfg.rho_ema) * new for old, new in zip(sampler.rho, target)]
@@ -294,16 +295,20 @@ class VcasController:
             rho=self.rho, nu=self.nu, V_s_layer=est["V_s_layer"], V_w_layer=est["V_w_layer"], cost=cost,
         ))
 
-    def _adapt_step_and_period(self, direction: int) -> None:
-        """Bisection-like s step (``alpha_max``) and adaptive period (``F_max``), from the sign history."""
+    def _flips(self, direction: int) -> bool:
+        return self.direction != 0 and direction != self.direction
+
+    def _s_step(self, direction: int) -> float:
+        """The step s takes if it moves in ``direction``: ``alpha_now``, halved (down to ``alpha``) when the
+        sign flips. Used for the rho candidates and the move alike, so rho is always Eq. 4 at the new s."""
+        return max(self.config.alpha, self.alpha_now / 2) if self._flips(direction) else self.alpha_now
+
+    def _adapt_period(self, direction: int) -> None:
+        """With ``F_max``: oscillating around the target, the schedule is settled, adapt less often;
+        moving the same way again, back to ``F``."""
         cfg = self.config
-        flipped = self.direction != 0 and direction != self.direction
-        if flipped:
-            self.alpha_now = max(cfg.alpha, self.alpha_now / 2)
         if cfg.F_max is not None and self.direction != 0:
-            # Oscillating around the target: the schedule is settled, adapt less often. Drifting: as F.
-            self.F_now = min(cfg.F_max, 2 * self.F_now) if flipped else cfg.F
-        self.direction = direction
+            self.F_now = min(cfg.F_max, 2 * self.F_now) if self._flips(direction) else cfg.F
 
     def _nu_multiplier(self, i: int, direction: int) -> float:
         """The multiplier for linear ``i``: ``beta``, or with ``beta_min`` one that approaches it at flips."""
