@@ -150,3 +150,46 @@ def test_rho_matches_the_new_s_when_the_step_is_large_or_halved():
         assert ctrl.s == pytest.approx(s_new)
         expected = _expected_rho(_bert(), batches, s_new)
         torch.testing.assert_close(torch.tensor(ctrl.rho), torch.tensor(expected, dtype=torch.float32))
+
+
+# -- variance passes on a row subset of each weight gradient ---------------------------------------
+def test_row_probes_compute_exactly_the_rows_of_the_full_weight_gradient():
+    """With probe rows set, a linear computes only those rows of its weight gradient; they equal the
+    same rows of the full gradient (a sub-GEMM: equal up to summation order), and the full gradient
+    handed back to autograd is a zero view (no memory)."""
+    ctrl = _controller(_bert(0.0), variance_subset="rows", param_sample_ratio=0.25)
+    model, batch = ctrl.wrapped.model, _batches(1, seed=3)[0]
+    weights = ctrl.wrapped.linear_weights
+    full = torch.autograd.grad(_loss_fn(model)(batch), weights)
+    probes = [ctrl._probe_subset(w) for w in weights]
+    got = ctrl._pass(_loss_fn(model)(batch), weights, probes, exact=True)
+    for g, rows, part in zip(full, probes, got):
+        assert len(rows) == round(0.25 * g.shape[0])
+        torch.testing.assert_close(part, g[rows].flatten(), rtol=1e-5, atol=1e-7)
+    assert all(slot.probe_rows is None and slot.probe_grad is None for slot in ctrl.sampler.linears)
+
+
+def test_row_subset_covering_everything_gives_the_entry_estimates():
+    """At ratio 1 both subsets cover every entry: the same V_s, V_act, V_w and decisions."""
+    traces = []
+    for subset in ("entries", "rows"):
+        ctrl = _controller(_bert(0.0), param_sample_ratio=1.0, variance_subset=subset, F=1)
+        ctrl.sampler.rho = [0.5, 0.6, 0.7]
+        for phase in range(2):
+            ctrl.adapt(_loss_fn(ctrl.wrapped.model), _batches(2, seed=phase), step=phase)
+        traces.append(_trace(ctrl))
+    for a, b in zip(*traces):
+        assert a[:3] == b[:3]  # s, rho, nu
+        assert a[3:] == pytest.approx(b[3:], rel=1e-5)
+
+
+def test_row_subset_estimates_are_unbiased_over_phases():
+    """The row-subset V_s of one pair of batches, averaged over many random subsets, is the full V_s:
+    each entry is covered with probability r, and the sum is rescaled by 1/r. 3-sigma of the mean."""
+    batches = _batches(2, seed=5)
+    full = _controller(_bert(0.0), param_sample_ratio=1.0, F=1, tau_act=0.0)
+    target = full.adapt(_loss_fn(full.wrapped.model), batches, step=0).V_s
+    ctrl = _controller(_bert(0.0), param_sample_ratio=0.2, variance_subset="rows", F=1, tau_act=0.0)
+    draws = torch.tensor([ctrl.adapt(_loss_fn(ctrl.wrapped.model), batches, step=i).V_s for i in range(60)],
+                         dtype=torch.float64)
+    assert abs(draws.mean() - target) < 3 * draws.std() / len(draws) ** 0.5

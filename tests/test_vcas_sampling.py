@@ -237,3 +237,13 @@ def test_leverage_variance_hand_computed():
     b = torch.tensor([[1.0], [1.0]])
     assert float(leverage_variance(a, b, 1.0)) == pytest.approx(6.0)
     assert float(leverage_variance(a, b, 2.0)) == 0.0
+
+
+def test_scatter_rows_writes_values_and_zeros():
+    from vcas_bench.vcas.autograd import _scatter_rows
+
+    values = torch.randn(3, 4, 5)
+    rows = torch.tensor([0, 2, 5])
+    expected = torch.zeros(6, 4, 5).index_copy_(0, rows, values)
+    out = torch.full((6, 4, 5), float("nan")).new_empty(6, 4, 5)
+    assert torch.equal(_scatter_rows(values, rows, out.shape), expected)

@@ -37,6 +37,7 @@ class VcasSampler:
         F: int | None = None
         rho_ema: float = 0.6
         param_sample_ratio: float = 0.01
+        variance_subset: str = "entries"  # or "rows": the phase computes only those weight-gradient rows
         # Beyond the paper (vcas_bench/vcas/README.md, "vcas-plus"); off here, on in `vcas-plus`.
         reuse_forward: bool = False
         fold_batch: bool = False
@@ -116,6 +117,8 @@ class VcasPlusSampler(VcasSampler):
     @dataclass
     class Settings(VcasSampler.Settings):
         rho_ema: float = 0.0  # follow s at once: the EMA only adds lag once s converges in few phases
+        variance_subset: str = "rows"  # a variance pass skips 95% of the weight-gradient GEMMs
+        param_sample_ratio: float = 0.05  # 5% of the rows: 5% of the GEMM, entries correlated within a row
         reuse_forward: bool = True
         fold_batch: bool = True
         alpha_max: float | None = 0.16

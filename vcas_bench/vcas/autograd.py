@@ -44,6 +44,10 @@ class LinearSlot:
     block: int
     nu: float = 1.0
     weight_variance: float = 0.0  # analytic V_w summed over recorded passes (Eq. 3)
+    # Variance phase with a row subset: compute only these output rows of the weight gradient
+    # (``probe_grad``) instead of all of it; the full gradient handed to autograd is then a zero view.
+    probe_rows: torch.Tensor | None = None
+    probe_grad: torch.Tensor | None = None
 
 
 @dataclass
@@ -57,6 +61,7 @@ class RowSampler:
         sample_weights: draw SampleW in linears (off: exact weight gradient over the non-zero rows).
         record_norms: keep each block's per-row output-gradient norms (variance phase, exact pass).
         record_weight_variance: add each linear's analytic SampleW variance at its ``nu``.
+        reference: run the straightforward backward the fast one must match bit for bit.
         generator: private RNG for every draw (a CPU generator; draws move to the tensors' device).
     """
 
@@ -67,6 +72,7 @@ class RowSampler:
     sample_weights: bool = True
     record_norms: bool = False
     record_weight_variance: bool = False
+    reference: bool = False  # the straightforward backward (full-size zero fills): tests and benchmarks
     rho: list[float] = field(default_factory=list)
     norms: list[torch.Tensor | None] = field(default_factory=list)  # per block, last exact pass
     kept_fraction: list[float] = field(default_factory=list)  # per block, SampleA's, last backward
@@ -105,15 +111,29 @@ class RowSampler:
         k = slot.nu * grad_rows.shape[0]
         if self.record_weight_variance:
             slot.weight_variance += float(leverage_variance(grad_rows, input_rows, k))
+        if slot.probe_rows is not None:  # a variance pass reads only these rows: skip the rest of the GEMM
+            slot.probe_grad = grad_rows[:, slot.probe_rows].t() @ input_rows
+            shape = (grad_rows.shape[1], input_rows.shape[1])
+            return torch.zeros((), dtype=grad_rows.dtype, device=grad_rows.device).expand(shape)
         if not self.sample_weights or slot.nu >= 1:
             return grad_rows.t() @ input_rows
         return leverage_sample_matmul(grad_rows, input_rows, max(k, 1.0), self.generator)
 
 
-def nonzero_rows(grad: torch.Tensor) -> torch.Tensor | None:
+def nonzero_rows(grad: torch.Tensor, reference: bool = False) -> torch.Tensor | None:
     """Indices of the batch rows of ``grad`` that are not all zero; ``None`` when all of them are."""
-    nonzero = grad.reshape(grad.shape[0], -1).ne(0).any(dim=1)
+    flat = grad.reshape(grad.shape[0], -1)
+    # any() reads the floats directly; ne(0) first would write a full-size boolean temporary.
+    nonzero = flat.ne(0).any(dim=1) if reference else flat.any(dim=1)
     return None if bool(nonzero.all()) else nonzero.nonzero().squeeze(1)
+
+
+def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A ``shape`` tensor with ``values`` at batch ``rows`` and zeros elsewhere, each element written once."""
+    skipped = torch.ones(shape[0], dtype=torch.bool, device=values.device)
+    skipped[rows] = False
+    out = values.new_empty(shape).index_fill_(0, skipped.nonzero().squeeze(1), 0)
+    return out.index_copy_(0, rows, values)
 
 
 class SampleActivation(torch.autograd.Function):
@@ -141,15 +161,18 @@ class SampledLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
-        rows = nonzero_rows(grad_out)
+        reference = ctx.sampler.reference
+        rows = nonzero_rows(grad_out, reference)
         # Skipped rows have an exactly zero gradient: slicing them away changes no number, only work.
         g = grad_out if rows is None else grad_out.index_select(0, rows)
         xs = x if rows is None else x.index_select(0, rows)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = g @ weight
-            if rows is not None:
+            if rows is not None and reference:
                 grad_x = grad_out.new_zeros(x.shape).index_copy_(0, rows, grad_x)
+            elif rows is not None:
+                grad_x = _scatter_rows(grad_x, rows, x.shape)
         g2, x2 = g.reshape(-1, g.shape[-1]), xs.reshape(-1, xs.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_w = ctx.sampler.weight_gradient(ctx.slot, g2, x2)

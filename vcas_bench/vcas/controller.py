@@ -50,6 +50,9 @@ class VcasConfig:
     F: int = 100
     rho_ema: float = 0.6  # the authors' code smooths the rho schedule; 0 disables it
     param_sample_ratio: float = 0.01  # fraction of weight entries used for the variance sums
+    # "entries": a random subset of weight entries (App. D); "rows": a random subset of output rows of
+    # each weight, so a variance pass computes only those rows of the weight-gradient GEMM.
+    variance_subset: str = "entries"
     seed: int = 0
     # Beyond the paper, all off by default (the runner's `vcas-plus` preset turns them on):
     reuse_forward: bool = False  # one forward per variance batch; its exact and SampleA backwards share it
@@ -66,6 +69,7 @@ class VcasConfig:
             "alpha_max": self.alpha_max is None or self.alpha <= self.alpha_max <= 1,
             "beta_min": self.beta_min is None or 0 < self.beta_min <= self.beta,
             "F_max": self.F_max is None or self.F_max >= self.F,
+            "variance_subset": self.variance_subset in ("entries", "rows"),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -153,7 +157,12 @@ class VcasController:
 
     def phase_cost(self) -> float:
         """Analytic FLOPs of one variance phase at the current rho, in exact FP+BP steps (§1.11)."""
-        return phase_cost_ratio(self.sampler.rho, self.config.M, self.config.reuse_forward)
+        cfg = self.config
+        rows = cfg.variance_subset == "rows"
+        # A folded first pass computes every weight gradient in full (its update needs them).
+        weight_fraction = cfg.param_sample_ratio if rows else 1.0
+        return phase_cost_ratio(self.sampler.rho, cfg.M, cfg.reuse_forward, weight_fraction) + (
+            (1 - weight_fraction) / 3 if rows and cfg.fold_batch else 0.0)
 
     def count_step(self, cost: float | None = None) -> None:
         """Record one training step for the analytic FLOPs ratio (``cost`` overrides the sampled one)."""
@@ -210,9 +219,10 @@ class VcasController:
     def _estimate(self, loss_fn: LossFn, batches: list[Any]) -> dict[str, Any]:
         cfg, sampler = self.config, self.sampler
         weights = self.wrapped.linear_weights
-        entries = [self._entry_subset(w) for w in weights]
-        sum_g = [torch.zeros(len(e), device=w.device) for e, w in zip(entries, weights)]
-        sum_g2 = [torch.zeros_like(t) for t in sum_g]
+        probes = [self._probe_subset(w) for w in weights]
+        fractions = torch.tensor([self._probe_fraction(w, p) for w, p in zip(weights, probes)],
+                                 dtype=torch.float64)
+        sum_g = sum_g2 = None
         act_sq = torch.zeros(len(weights), dtype=torch.float64)
         candidates = {+1: torch.zeros(sampler.num_blocks), -1: torch.zeros(sampler.num_blocks)}
         for slot in sampler.linears:
@@ -220,10 +230,12 @@ class VcasController:
         for i, batch in enumerate(batches):
             rng_before = _rng_state()
             loss = loss_fn(batch)
-            g_exact = self._pass(loss, weights, entries, exact=True, fold=cfg.fold_batch and i == 0)
+            g_exact = self._pass(loss, weights, probes, exact=True, fold=cfg.fold_batch and i == 0)
             for sign in (+1, -1):
                 s_cand = min(max(self.s + sign * self._s_step(sign), 0.0), 1.0)
                 candidates[sign] += torch.tensor([find_top_sum(n, s_cand) for n in sampler.norms])
+            if sum_g is None:
+                sum_g, sum_g2 = [torch.zeros_like(g) for g in g_exact], [torch.zeros_like(g) for g in g_exact]
             for g, t, t2 in zip(g_exact, sum_g, sum_g2):
                 t += g
                 t2 += g.square()
@@ -232,48 +244,70 @@ class VcasController:
                     with torch.random.fork_rng(devices=_cuda_devices(weights)):
                         _set_rng_state(rng_before)  # same dropout masks as the exact pass
                         loss = loss_fn(batch)
-                g_act = self._pass(loss, weights, entries, exact=False, retain=j < cfg.M - 1)
+                g_act = self._pass(loss, weights, probes, exact=False, retain=j < cfg.M - 1)
                 act_sq += torch.tensor([(a - e).square().sum().item() for a, e in zip(g_act, g_exact)],
                                        dtype=torch.float64)
-        M, r = cfg.M, cfg.param_sample_ratio
-        V_s_layer = [float(((t2 - t.square() / M).sum() / (M - 1)) / r) for t, t2 in zip(sum_g, sum_g2)]
+        M = cfg.M
+        V_s_layer = [float(((t2 - t.square() / M).sum() / (M - 1)) / r)
+                     for t, t2, r in zip(sum_g, sum_g2, fractions.tolist())]
         V_w_layer = [slot.weight_variance / M**2 for slot in sampler.linears]
         return {
             "V_s_layer": V_s_layer, "V_w_layer": V_w_layer,
-            "V_act": float(act_sq.sum()) / (M**2 * r),
+            "V_act": float((act_sq / fractions).sum()) / M**2,
             "p": {sign: (c / M).tolist() for sign, c in candidates.items()},
         }
 
-    def _pass(self, loss: torch.Tensor, weights, entries, exact: bool, retain: bool = False,
+    def _pass(self, loss: torch.Tensor, weights, probes, exact: bool, retain: bool = False,
               fold: bool = False) -> list[torch.Tensor]:
-        """One backward of ``loss``; returns the sampled entries of each linear weight's gradient.
+        """One backward of ``loss``; returns the probed part of each linear weight's gradient.
 
         The graph is kept for the SampleA passes when they reuse the forward. With ``fold`` the exact
-        gradient of every parameter is computed and kept for :meth:`take_folded`.
+        gradient of every parameter is computed and kept for :meth:`take_folded`. With row probes
+        (and no ``fold``) the linears compute only the probed rows of their weight gradient.
         """
-        sampler = self.sampler
+        sampler, by_rows = self.sampler, self.config.variance_subset == "rows"
         saved = (sampler.sample_activations, sampler.sample_weights)
         sampler.sample_activations, sampler.sample_weights = not exact, False
         sampler.record_norms, sampler.record_weight_variance = exact, not exact
         retain = retain or (exact and self.config.reuse_forward)
+        if by_rows and not fold:
+            for slot, rows in zip(sampler.linears, probes):
+                slot.probe_rows = rows
         try:
             targets = self.params if fold else weights
             grads = torch.autograd.grad(loss, targets, retain_graph=retain, allow_unused=fold)
+            if by_rows and not fold:
+                return [slot.probe_grad.detach().flatten().float() for slot in sampler.linears]
         finally:
             sampler.sample_activations, sampler.sample_weights = saved
             sampler.record_norms = sampler.record_weight_variance = False
+            for slot in sampler.linears:
+                slot.probe_rows = slot.probe_grad = None
         if fold:
             self.folded = (float(loss.detach()), list(grads))
             by_id = {id(p): g for p, g in zip(self.params, grads)}
             grads = [by_id[id(w)] for w in weights]
-        return [g.detach().flatten()[e].float() for g, e in zip(grads, entries)]
+        if by_rows:
+            return [g.detach()[rows].flatten().float() for g, rows in zip(grads, probes)]
+        return [g.detach().flatten()[e].float() for g, e in zip(grads, probes)]
 
-    def _entry_subset(self, weight: torch.Tensor) -> torch.Tensor:
-        n = weight.numel()
+    def _probe_subset(self, weight: torch.Tensor) -> torch.Tensor:
+        """This phase's random subset: flat entry indices, or output-row indices with ``rows``."""
+        if self.config.variance_subset == "rows":
+            return self._random_subset(weight.shape[0], weight.device)
+        return self._random_subset(weight.numel(), weight.device)
+
+    def _probe_fraction(self, weight: torch.Tensor, probe: torch.Tensor) -> float:
+        """The fraction of the weight's entries a probe covers (the paper rescales by its nominal 1%)."""
+        if self.config.variance_subset == "rows":
+            return len(probe) / weight.shape[0]
+        return self.config.param_sample_ratio
+
+    def _random_subset(self, n: int, device: torch.device) -> torch.Tensor:
         k = max(1, round(n * self.config.param_sample_ratio))
         if k >= n:
-            return torch.arange(n, device=weight.device)
-        return torch.randperm(n, generator=self.generator)[:k].to(weight.device)
+            return torch.arange(n, device=device)
+        return torch.randperm(n, generator=self.generator)[:k].to(device)
 
     # -- updates -------------------------------------------------------------------------------
     def _update(self, est: dict[str, Any], step: int, cost: float) -> None:

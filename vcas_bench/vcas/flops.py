@@ -20,10 +20,16 @@ def step_cost_ratio(rho: list[float], nu_per_block: list[list[float]]) -> float:
     return (1 + _mean(rho) + weight_bwd) / 3
 
 
-def phase_cost_ratio(rho: list[float], M: int, reuse_forward: bool = False) -> float:
+def phase_cost_ratio(
+    rho: list[float], M: int, reuse_forward: bool = False, weight_fraction: float = 1.0
+) -> float:
     """One variance phase: ``M`` exact passes plus ``M^2`` SampleA-only passes (``C_a = 1 + 2 mean rho``;
-    without their forward, ``2 mean rho``, when they reuse the exact pass's forward)."""
-    return (3 * M + M**2 * ((0 if reuse_forward else 1) + 2 * _mean(rho))) / 3
+    without their forward, ``2 mean rho``, when they reuse the exact pass's forward). A pass computing
+    only ``weight_fraction`` of each weight gradient (row probes) pays that share of its weight GEMM:
+    ``2 + w`` per exact pass and ``rho (1 + w)`` per SampleA backward."""
+    w = weight_fraction
+    exact, sampled_backward = 1 + 1 + w, (1 + w) * _mean(rho)
+    return (M * exact + M**2 * ((0 if reuse_forward else 1) + sampled_backward)) / 3
 
 
 def interval_cost_ratio(rho: list[float], nu_per_block: list[list[float]], M: int, F: int) -> float:

@@ -139,4 +139,5 @@ def leverage_sample_matmul(
     q = soft_topk(leverage_scores(a, b), k)
     idx = bernoulli_keep(q, generator).nonzero().squeeze(1)
     scale = (1.0 / q[idx]).to(a.dtype).unsqueeze(1)
-    return (a[idx] * scale).t() @ b[idx]
+    # One copy of each side, scaled in place.
+    return a.index_select(0, idx).mul_(scale).t() @ b.index_select(0, idx)
