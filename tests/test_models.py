@@ -15,7 +15,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from vcas_bench.models import MODEL_MODALITIES, MODELS, ModelBundle, create_model  # noqa: E402
 
-OFFLINE_MODELS = ["minilm", "bert-tiny", "vit-tiny", "timm-vit-tiny"]
+OFFLINE_MODELS = ["minilm", "bert-tiny", "vit-tiny", "timm-vit-tiny", "wrn18-tiny"]
+RANDOM_LARGE_MODELS = ["wrn18"]  # random init, built offline; checked on the meta device (no memory)
 HUB_MODELS = ["bert-base", "bert-large", "vit-base", "vit-large"]
 NUM_LABELS, BATCH = 3, 2
 
@@ -44,7 +45,7 @@ def built(request: pytest.FixtureRequest) -> tuple[str, ModelBundle]:
 
 
 def test_every_registered_model_is_covered() -> None:
-    assert sorted(OFFLINE_MODELS + HUB_MODELS) == MODELS.names()
+    assert sorted(OFFLINE_MODELS + HUB_MODELS + RANDOM_LARGE_MODELS) == MODELS.names()
 
 
 def test_bundle_fields(built: tuple[str, ModelBundle]) -> None:
@@ -61,7 +62,7 @@ def test_bundle_fields(built: tuple[str, ModelBundle]) -> None:
 def test_block_type_is_findable(built: tuple[str, ModelBundle]) -> None:
     _, bundle = built
     blocks = [m for m in bundle.model.modules() if type(m).__name__ == bundle.block_type]
-    expected = 6 if built[0] == "minilm" else 2
+    expected = {"minilm": 6, "wrn18-tiny": 8}.get(built[0], 2)
     assert len(blocks) == expected
 
 
@@ -117,3 +118,17 @@ def test_missing_local_path_fails_clearly(name: str, tmp_path: os.PathLike) -> N
 def test_unknown_model_lists_valid_names() -> None:
     with pytest.raises(KeyError, match="valid models: bert-base, bert-large, bert-tiny, minilm"):
         create_model("nope", num_labels=2)
+
+
+def test_wrn18_is_resnet18_widened_four_times() -> None:
+    """The paper's CNN (Table 8): 8 BasicBlocks, stages 256/512/1024/2048, 64-channel ImageNet stem, about
+    180M parameters; no nn.Linear inside a block (VCAS runs activation-only on it)."""
+    with torch.device("meta"):
+        bundle = create_model("wrn18", num_labels=1000)
+    model = bundle.model
+    blocks = [m for m in model.modules() if type(m).__name__ == bundle.block_type]
+    assert len(blocks) == 8 and (bundle.image_size, bundle.num_channels) == (224, 3)
+    assert [stage[-1].conv2.out_channels for stage in model.stages] == [256, 512, 1024, 2048]
+    assert model.stem[0].kernel_size == (7, 7) and model.stem[0].out_channels == 64
+    assert sum(p.numel() for p in model.parameters()) == 180_191_016
+    assert not any(isinstance(m, torch.nn.Linear) for b in blocks for m in b.modules())

@@ -124,4 +124,4 @@ def load_pretrained(cls: Any, checkpoint: str, path: str | None, **kwargs: Any) 
 
 
 # Imported last so the builders can use the names above while registering.
-from vcas_bench.models import bert, vit  # noqa: E402, F401
+from vcas_bench.models import bert, resnet, vit  # noqa: E402, F401
