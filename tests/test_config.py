@@ -43,7 +43,8 @@ def test_every_paper_task_and_model_pair_composes():
     images with ViT and WRN-18, c4 with BERT's masked-LM), every other pair fails in exactly one line
     that names the models it could use."""
     runnable = {(t, m) for t in PAPER_TASKS[:4] for m in ("bert-base", "bert-large")}
-    runnable |= {(t, m) for t in ("cifar10", "cifar100", "imagenet") for m in ("vit-base", "vit-large", "wrn18")}
+    image_models = ("vit-base", "vit-large", "wrn18")
+    runnable |= {(t, m) for t in ("cifar10", "cifar100", "imagenet") for m in image_models}
     runnable |= {("c4", "bert-base"), ("c4", "bert-large")}
     for task in PAPER_TASKS:
         for model in PAPER_MODELS:
