@@ -132,3 +132,42 @@ def test_wrn18_is_resnet18_widened_four_times() -> None:
     assert model.stem[0].kernel_size == (7, 7) and model.stem[0].out_channels == 64
     assert sum(p.numel() for p in model.parameters()) == 180_191_016
     assert not any(isinstance(m, torch.nn.Linear) for b in blocks for m in b.modules())
+
+
+@pytest.mark.parametrize("name", ["vit-base"])  # vit-large is the same code and takes 10 s to build
+def test_timm_backend_fails_clearly_offline(name: str) -> None:
+    """backend=timm offline without a cached checkpoint: one line naming the timm checkpoint and the
+    local-file override."""
+    if not huggingface_hub.constants.HF_HUB_OFFLINE:
+        pytest.skip("HF_HUB_OFFLINE is off: building would download a large checkpoint")
+    timm_name = f"vit_{name.split('-')[1]}_patch16_224.augreg_in21k"
+    with pytest.raises(FileNotFoundError, match=rf"timm checkpoint '{timm_name}'.*model\.args\.path=") as err:
+        create_model(name, num_labels=2, backend="timm")
+    assert "\n" not in str(err.value)
+    with pytest.raises(FileNotFoundError, match="model.args.path=.* is neither a weights file"):
+        create_model(name, num_labels=2, backend="timm", path="/nonexistent/weights.safetensors")
+
+
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_timm_backend_loads_a_local_weights_file(tmp_path, as_folder: bool) -> None:
+    """The timm path of vit-base/large with model.args.path: a small timm ViT saved to disk (a file, or a
+    folder holding model.safetensors) is loaded through pretrained_cfg_overlay: same block weights, fresh
+    3-class head, and the result wraps for VCAS (2 `Block`s, 8 sampled linears)."""
+    import safetensors.torch
+    import timm
+
+    from vcas_bench.models.vit import _create_timm_vit
+    from vcas_bench.vcas import wrap
+
+    arch = {"img_size": 32, "patch_size": 4, "depth": 2, "embed_dim": 64, "num_heads": 2}
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, **arch)
+    file = tmp_path / "model.safetensors"
+    safetensors.torch.save_file(source.state_dict(), str(file))
+    bundle = _create_timm_vit("vit_tiny_patch16_224", 3, str(tmp_path if as_folder else file), **arch)
+    loaded, saved = bundle.model.state_dict(), source.state_dict()
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved if not k.startswith("head."))
+    assert bundle.model.head.out_features == 3 and (bundle.block_type, bundle.image_size) == ("Block", 32)
+    wrapped = wrap(bundle.model, bundle.block_type)
+    assert len(wrapped.block_names) == 2 and len(wrapped.sampler.linears) == 8
+    logits = bundle.logits_fn(bundle.model, fake_batch(bundle))
+    assert logits.shape == (BATCH, 3)

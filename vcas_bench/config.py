@@ -58,7 +58,7 @@ class OptimConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    block_type: str = MISSING
+    block_type: str | None = None  # the repeated block VCAS wraps; None: the builder's (bundle.block_type)
     args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the model builder
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -148,6 +148,7 @@ def validate(cfg: DictConfig) -> list[str]:
         "model.optim.schedule must be one of linear, constant": optim.schedule in ("linear", "constant"),
         "task.epochs must be > 0": task.epochs > 0,
         "task.batch_size must be >= 1": task.batch_size >= 1,
+        "model.args.backend must be one of hf, timm": cfg.model.args.get("backend", "hf") in ("hf", "timm"),
         "trainer.max_steps must be >= 1": trainer.max_steps is None or trainer.max_steps >= 1,
         "trainer.flops_every must be >= 0": trainer.flops_every >= 0,
         "trainer.device must be one of auto, cpu, cuda": trainer.device in ("auto", "cpu", "cuda"),

@@ -76,7 +76,7 @@ def run_one(
     if spec["name"].startswith("vcas") and settings.get("F") is None and cfg.task.vcas_F:
         settings["F"] = cfg.task.vcas_F
     sampler = create_sampler(spec["name"], seed=cfg.seed, **settings)
-    sampler.attach(bundle.model, cfg.model.block_type, total_steps)
+    sampler.attach(bundle.model, cfg.model.block_type or bundle.block_type, total_steps)
     optim = cfg.model.optim
     optimizer = build.build_optimizer(bundle.model, optim.name, optim.lr, optim.weight_decay, optim.momentum)
     scheduler = build.build_scheduler(optimizer, optim.schedule, total_steps, optim.warmup_ratio)
