@@ -82,7 +82,7 @@ def test_conf_groups_mirror_the_registries():
         (["trainer.max_steps=abc"], r"trainer.max_steps=abc"),
         (["baselines=[exact,nope]"], r"baselines: unknown sampler 'nope'"),
         (["logger=mlflow"], r"logger must be null or wandb"),
-        (["task=cifar10", "model=vit-base", "model.args.backend=onnx"], r"model.args.backend must be one of"),
+        (["task=cifar10", "model=vit-base", "model.args.backend=onnx"], r"model.args.backend must be one"),
         (["task=cifar10", "model=bert-base"], r"task 'cifar10' is an image task but model 'bert-base' is a text"),
     ],
 )
