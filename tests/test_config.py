@@ -83,7 +83,7 @@ def test_conf_groups_mirror_the_registries():
         (["baselines=[exact,nope]"], r"baselines: unknown sampler 'nope'"),
         (["logger=mlflow"], r"logger must be null or wandb"),
         (["task=cifar10", "model=vit-base", "model.args.backend=onnx"], r"model.args.backend must be one"),
-        (["task=cifar10", "model=bert-base"], r"task 'cifar10' is an image task but model 'bert-base' is a text"),
+        (["task=cifar10", "model=bert-base"], r"task 'cifar10' is an image task but model 'bert-base'"),
     ],
 )
 def test_bad_input_is_reported_in_one_line(args, expected):
