@@ -14,10 +14,45 @@ from vcas_bench.config import validate
 GROUP_MEMBERS = [(g, c) for g in ("task", "model", "sampler", "experiment") for c in group_choices(g)]
 
 
+# A cheap partner of each kind, so that a task or model is composed with something it can run with.
+PARTNER_MODEL = {"text": "minilm", "image": "vit-tiny", "mlm": "bert-tiny"}
+PARTNER_TASK = {"text": "rt-polarity", "image": "digits"}
+PAPER_TASKS = ["sst2", "mnli", "qqp", "qnli", "cifar10", "cifar100", "imagenet", "c4"]
+PAPER_MODELS = ["bert-base", "bert-large", "vit-base", "vit-large", "wrn18"]
+
+
+def _partner(group: str, choice: str) -> list[str]:
+    from vcas_bench.models import MODEL_MODALITIES
+    from vcas_bench.tasks import TASK_MODALITIES
+
+    if group == "task":
+        return [f"model={PARTNER_MODEL[TASK_MODALITIES[choice]]}"]
+    if group == "model":
+        return [f"task={PARTNER_TASK[MODEL_MODALITIES[choice]]}"]
+    return []
+
+
 @pytest.mark.parametrize(("group", "choice"), GROUP_MEMBERS, ids=[f"{g}={c}" for g, c in GROUP_MEMBERS])
 def test_every_group_member_composes_and_validates(group, choice):
-    cfg = compose_config([f"{group}={choice}"])
+    cfg = compose_config([f"{group}={choice}", *_partner(group, choice)])
     assert validate(cfg) == []
+
+
+def test_every_paper_task_and_model_pair_composes():
+    """Every paper task x paper model composes; the pairs that can run validate cleanly (text with BERT,
+    images with ViT and WRN-18, c4 with BERT's masked-LM), every other pair fails in exactly one line
+    that names the models it could use."""
+    runnable = {(t, m) for t in PAPER_TASKS[:4] for m in ("bert-base", "bert-large")}
+    image_models = ("vit-base", "vit-large", "wrn18")
+    runnable |= {(t, m) for t in ("cifar10", "cifar100", "imagenet") for m in image_models}
+    runnable |= {("c4", "bert-base"), ("c4", "bert-large")}
+    for task in PAPER_TASKS:
+        for model in PAPER_MODELS:
+            errors = validate(compose_config([f"task={task}", f"model={model}"]))
+            if (task, model) in runnable:
+                assert errors == [], (task, model, errors)
+            else:
+                assert len(errors) == 1 and "pick one of" in errors[0] and "\n" not in errors[0], errors
 
 
 def test_conf_groups_mirror_the_registries():
@@ -47,6 +82,8 @@ def test_conf_groups_mirror_the_registries():
         (["trainer.max_steps=abc"], r"trainer.max_steps=abc"),
         (["baselines=[exact,nope]"], r"baselines: unknown sampler 'nope'"),
         (["logger=mlflow"], r"logger must be null or wandb"),
+        (["task=cifar10", "model=vit-base", "model.args.backend=onnx"], r"model.args.backend must be one"),
+        (["task=cifar10", "model=bert-base"], r"task 'cifar10' is an image task but model 'bert-base'"),
     ],
 )
 def test_bad_input_is_reported_in_one_line(args, expected):

@@ -375,16 +375,17 @@ def test_modality_mismatch(bundles, image_root) -> None:
     with pytest.raises(ValueError, match="task 'sst2' is a text task but the model is an image model"):
         create_task("sst2", bundles["image"])
     with pytest.raises(
-        ValueError,
-        match="task 'c4' is masked-LM pretraining; model 'bert-tiny' is a classifier; "
-        "MLM models are not available yet",
+        ValueError, match=r"task 'c4' is masked-LM pretraining; model 'bert-tiny' was built as a classifier"
     ):
         create_task("c4", bundles["text"], model_name="bert-tiny")
+    with pytest.raises(ValueError, match="model 'vit-tiny' has no masked-LM variant; pick one of: bert-base"):
+        create_task("c4", bundles["image"], model_name="vit-tiny")
 
 
 @pytest.mark.parametrize("name", NEW_TASKS)
 def test_task_configs_match_their_builders(name: str) -> None:
-    cfg = compose_config([f"task={name}"])
+    model = {"text": "bert-tiny", "image": "vit-tiny", "mlm": "bert-tiny"}[TASK_MODALITIES[name]]
+    cfg = compose_config([f"task={name}", f"model={model}"])
     assert validate(cfg) == []
     spec = glue.SPECS.get(name) or vision.SPECS.get(name)
     if spec is not None:

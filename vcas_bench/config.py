@@ -17,6 +17,22 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 @dataclass
+class GlueEvalConfig:
+    """``task.glue_eval``: which GLUE task to fine-tune on after pretraining, and how."""
+
+    task: str | None = None  # sst2 | mnli | qqp | qnli; None: no GLUE evaluation
+    steps: int = 1000  # exact fine-tuning steps
+    batch_size: int = 32
+    lr: float = 2e-5  # the paper's BERT fine-tuning recipe (App. F.2): AdamW, wd 0.01, linear, warm-up 0.1
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_length: int = 128
+    data_dir: str | None = None  # null: the hub's nyu-mll/glue; else the task's local folder
+    train_size: int | None = None
+    eval_size: int | None = None
+
+
+@dataclass
 class TaskConfig:
     name: str = MISSING
     args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the task builder
@@ -25,6 +41,7 @@ class TaskConfig:
     batch_size: int = 32
     eval_batch_size: int = 64
     vcas_F: int | None = None  # the paper's per-task adaptation period, if it gives one
+    glue_eval: GlueEvalConfig = field(default_factory=GlueEvalConfig)  # masked-LM pretraining: GLUE after it
 
 
 @dataclass
@@ -41,7 +58,7 @@ class OptimConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    block_type: str = MISSING
+    block_type: str | None = None  # the repeated block VCAS wraps; None: the builder's (bundle.block_type)
     args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the model builder
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -104,15 +121,24 @@ def sampler_errors(spec: dict[str, Any]) -> list[str]:
     return []
 
 
+def _glue_eval_errors(cfg: DictConfig) -> list[str]:
+    from vcas_bench.train.glue_eval import glue_eval_errors
+
+    return glue_eval_errors(OmegaConf.to_container(cfg.task.glue_eval, resolve=True), cfg.task.name)
+
+
 def validate(cfg: DictConfig) -> list[str]:
     """Every problem with a composed config, as one-line messages (empty when it is valid)."""
     from vcas_bench.models import MODELS
-    from vcas_bench.tasks import TASKS
+    from vcas_bench.tasks import TASKS, compatibility_error
 
     errors = _builder_errors("task", cfg.task.name, TASKS, cfg.task.args,
                              {"seed", "tokenizer", "image_size", "num_channels"})
-    errors += _builder_errors("model", cfg.model.name, MODELS, cfg.model.args, {"num_labels"})
+    errors += _builder_errors("model", cfg.model.name, MODELS, cfg.model.args, {"num_labels", "mlm"})
+    mismatch = compatibility_error(cfg.task.name, cfg.model.name)
+    errors += [mismatch] if mismatch else []
     errors += sampler_errors(OmegaConf.to_container(cfg.sampler, resolve=True))
+    errors += _glue_eval_errors(cfg)
     optim, task, trainer = cfg.model.optim, cfg.task, cfg.trainer
     checks = {
         "model.optim.lr must be > 0": optim.lr > 0,
@@ -122,6 +148,7 @@ def validate(cfg: DictConfig) -> list[str]:
         "model.optim.schedule must be one of linear, constant": optim.schedule in ("linear", "constant"),
         "task.epochs must be > 0": task.epochs > 0,
         "task.batch_size must be >= 1": task.batch_size >= 1,
+        "model.args.backend must be one of hf, timm": cfg.model.args.get("backend", "hf") in ("hf", "timm"),
         "trainer.max_steps must be >= 1": trainer.max_steps is None or trainer.max_steps >= 1,
         "trainer.flops_every must be >= 0": trainer.flops_every >= 0,
         "trainer.device must be one of auto, cpu, cuda": trainer.device in ("auto", "cpu", "cuda"),

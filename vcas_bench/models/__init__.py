@@ -19,11 +19,16 @@ from transformers.utils import logging as hf_logging
 
 from vcas_bench.registry import Registry
 
-__all__ = ["MODELS", "MODEL_MODALITIES", "ModelBundle", "create_model", "register_model", "load_pretrained"]
+__all__ = [
+    "MLM_MODELS", "MODELS", "MODEL_MODALITIES", "ModelBundle", "create_model", "register_model",
+    "load_pretrained",
+]
 
 MODELS = Registry("model")
 # name -> "text" | "image", known without building, so tasks can list compatible models in errors.
 MODEL_MODALITIES: dict[str, str] = {}
+# Text models whose builder also makes a masked-LM (`mlm=True`), for pretraining tasks such as c4.
+MLM_MODELS: set[str] = set()
 
 
 @dataclass
@@ -33,8 +38,9 @@ class ModelBundle:
     Attributes:
         model: The network, in train mode as built.
         block_type: Class name of the repeated block VCAS wraps, e.g. "BertLayer", "ViTLayer", "Block".
-        modality: "text" or "image".
-        logits_fn: `(model, batch) -> logits` of shape (N, num_labels); batch is a dict of tensors.
+        modality: "text", "image" or "mlm" (a masked-LM built with `mlm=True`).
+        logits_fn: `(model, batch) -> logits` of shape (N, num_labels), or (N, L, vocab) for "mlm";
+            batch is a dict of tensors.
         tokenizer: Tokenizer for text models, else None.
         image_size: Expected input height = width for image models, else None.
         num_channels: Expected input channels for image models, else None.
@@ -50,34 +56,45 @@ class ModelBundle:
 
 
 def register_model(
-    name: str, modality: str
+    name: str, modality: str, mlm: bool = False
 ) -> Callable[[Callable[..., ModelBundle]], Callable[..., ModelBundle]]:
     """Register a builder in `MODELS` and record its modality.
 
     Args:
         name: Registry name, as used by `model=<name>` on the command line.
         modality: "text" or "image".
+        mlm: The builder takes `mlm: bool` and then returns a masked-LM bundle (modality "mlm").
     """
 
     def decorator(builder: Callable[..., ModelBundle]) -> Callable[..., ModelBundle]:
         MODEL_MODALITIES[name] = modality
+        if mlm:
+            MLM_MODELS.add(name)
         return MODELS.register(name)(builder)
 
     return decorator
 
 
-def create_model(name: str, num_labels: int, **kwargs: Any) -> ModelBundle:
+def create_model(name: str, num_labels: int, mlm: bool = False, **kwargs: Any) -> ModelBundle:
     """Build a registered model.
 
     Args:
         name: Registered model name (see `MODELS.names()`).
-        num_labels: Size of the classification head.
+        num_labels: Size of the classification head (for `mlm`, the vocabulary size).
+        mlm: Build the masked-LM variant (pretraining tasks); only for names in `MLM_MODELS`.
         **kwargs: Flat builder arguments, e.g. `path=`, `dropout=`.
 
     Raises:
         KeyError: Unknown name; the message lists the valid names.
+        ValueError: `mlm` for a model without a masked-LM variant.
     """
-    return MODELS.create(name, num_labels=num_labels, **kwargs)
+    if not mlm:
+        return MODELS.create(name, num_labels=num_labels, **kwargs)
+    MODELS.get(name)
+    if name not in MLM_MODELS:
+        choices = ", ".join(sorted(MLM_MODELS))
+        raise ValueError(f"model {name!r} has no masked-LM variant; pick one of: {choices}")
+    return MODELS.create(name, num_labels=num_labels, mlm=True, **kwargs)
 
 
 @contextlib.contextmanager
@@ -124,4 +141,4 @@ def load_pretrained(cls: Any, checkpoint: str, path: str | None, **kwargs: Any) 
 
 
 # Imported last so the builders can use the names above while registering.
-from vcas_bench.models import bert, vit  # noqa: E402, F401
+from vcas_bench.models import bert, resnet, vit  # noqa: E402, F401

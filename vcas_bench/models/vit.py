@@ -1,11 +1,17 @@
 """Vision Transformer classifiers (Dosovitskiy et al., 2021) from transformers and timm.
 
-VCAS fine-tunes ImageNet-21k ViT-base/large on image classification (VCAS paper, Table 1). The tiny
-variants are random 2-layer ViTs on 32x32 inputs for tests: `vit-tiny` is the transformers model
+VCAS fine-tunes ImageNet-21k ViT-base/large on image classification (VCAS paper, Table 1). `vit-base` and
+`vit-large` load either the transformers checkpoints (`backend="hf"`, blocks `ViTLayer`) or timm's
+(`backend="timm"`, e.g. `vit_base_patch16_224.augreg_in21k`, blocks `Block`); both are ImageNet-21k
+ViT-B/16 and ViT-L/16 at 224x224 with mean = std = 0.5 inputs, the paper does not say which it used. The
+tiny variants are random 2-layer ViTs on 32x32 inputs for tests: `vit-tiny` is the transformers model
 (blocks `ViTLayer`), `timm-vit-tiny` the timm one (blocks `Block`, which return a plain tensor).
 """
 
 from __future__ import annotations
+
+import os
+from typing import Any
 
 import timm
 import torch
@@ -58,20 +64,79 @@ def vit_tiny(
     return _create_hf_vit(ViTForImageClassification(config))
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
+def _timm_weights_file(path: str, timm_name: str) -> str:
+    """A weights file timm can load for `path`: the file itself, or a known file inside a folder."""
+    if os.path.isdir(path):
+        found = [os.path.join(path, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(path, f))]
+        if found:
+            return found[0]
+    elif os.path.isfile(path):
+        return path
+    raise FileNotFoundError(
+        f"model.args.path={path!r} is neither a weights file nor a folder with one of "
+        f"{', '.join(WEIGHT_FILES)}; expected a local copy of timm's {timm_name}"
+    )
+
+
+def _create_timm_vit(timm_name: str, num_labels: int, path: str | None, **kwargs: Any) -> ModelBundle:
+    """A pretrained timm ViT with a fresh `num_labels` head, from timm's hub cache or a local file.
+
+    `path` goes through `pretrained_cfg_overlay=dict(file=...)`, timm's way to load a named model's
+    weights from disk. `kwargs` reach `timm.create_model` (architecture overrides, for tests).
+
+    Raises:
+        FileNotFoundError: `path` holds no weights, or the checkpoint is neither cached nor downloadable.
+    """
+    overlay = None if path is None else {"file": _timm_weights_file(path, timm_name)}
+    try:
+        model = timm.create_model(timm_name, pretrained=True, num_classes=num_labels,
+                                  pretrained_cfg_overlay=overlay, **kwargs)
+    except OSError as err:  # huggingface_hub's LocalEntryNotFoundError when offline and not cached
+        raise FileNotFoundError(
+            f"cannot load timm checkpoint {timm_name!r} (not cached, no network): download it once while "
+            "online, or point at a local weights file with model.args.path=/local/model.safetensors"
+        ) from err
+    size, channels = model.patch_embed.img_size[0], model.patch_embed.proj.in_channels
+    return ModelBundle(model, "Block", "image", timm_image_logits, image_size=size, num_channels=channels)
+
+
+def _create_pretrained_vit(
+    backend: str, name: str, timm_name: str, num_labels: int, path: str | None
+) -> ModelBundle:
+    if backend == "timm":
+        return _create_timm_vit(timm_name, num_labels, path)
+    if backend != "hf":
+        raise ValueError(f"model.args.backend={backend!r}; valid: hf, timm")
+    return _create_hf_vit(load_pretrained(ViTForImageClassification, name, path, num_labels=num_labels))
+
+
 @register_model("vit-base", "image")
 def vit_base(
-    num_labels: int, name: str = "google/vit-base-patch16-224-in21k", path: str | None = None
+    num_labels: int,
+    name: str = "google/vit-base-patch16-224-in21k",
+    path: str | None = None,
+    backend: str = "hf",
+    timm_name: str = "vit_base_patch16_224.augreg_in21k",
 ) -> ModelBundle:
-    """Pretrained ViT-B/16 (ImageNet-21k, 224x224) with a fresh head."""
-    return _create_hf_vit(load_pretrained(ViTForImageClassification, name, path, num_labels=num_labels))
+    """Pretrained ViT-B/16 (ImageNet-21k, 224x224) with a fresh head, from transformers (`name`) or timm
+    (`timm_name`); `path` is a local copy (a checkpoint folder for hf, a weights file or folder for timm)."""
+    return _create_pretrained_vit(backend, name, timm_name, num_labels, path)
 
 
 @register_model("vit-large", "image")
 def vit_large(
-    num_labels: int, name: str = "google/vit-large-patch16-224-in21k", path: str | None = None
+    num_labels: int,
+    name: str = "google/vit-large-patch16-224-in21k",
+    path: str | None = None,
+    backend: str = "hf",
+    timm_name: str = "vit_large_patch16_224.augreg_in21k",
 ) -> ModelBundle:
-    """Pretrained ViT-L/16 (ImageNet-21k, 224x224) with a fresh head."""
-    return _create_hf_vit(load_pretrained(ViTForImageClassification, name, path, num_labels=num_labels))
+    """Pretrained ViT-L/16 (ImageNet-21k, 224x224) with a fresh head, from transformers (`name`) or timm
+    (`timm_name`); `path` is a local copy (a checkpoint folder for hf, a weights file or folder for timm)."""
+    return _create_pretrained_vit(backend, name, timm_name, num_labels, path)
 
 
 @register_model("timm-vit-tiny", "image")

@@ -10,6 +10,7 @@ COLUMNS = {  # metrics key -> column title, in display order
     "sampler": "sampler",
     "final_train_loss": "train loss",
     "eval_accuracy": "eval acc",
+    "glue_accuracy": "GLUE acc",
     "flops_reduction_analytic": "FLOPs↓ analytic",
     "flops_reduction_measured": "FLOPs↓ measured",
     "time_reduction": "Time↓",

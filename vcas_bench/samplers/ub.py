@@ -2,7 +2,8 @@
 equal"), as the VCAS paper compares against it (vcas-method.md §4).
 
 Forward the full batch of ``N``; score each example by the upper bound on its gradient norm, the
-norm of the loss gradient at the logits (``||softmax(z) - onehot(y)||`` for cross-entropy); draw
+norm of the loss gradient at the logits (``||softmax(z) - onehot(y)||`` for cross-entropy; for masked-LM
+the same over the example's masked tokens, divided by their count, the loss being their mean); draw
 ``b = round(N * ratio)`` examples with replacement with ``p_i ∝ score_i``; weight each draw by
 ``1 / (b * N * p_i)`` so that the gradient is an unbiased estimate of the batch-mean gradient; and
 backpropagate only the drawn examples.
@@ -27,10 +28,21 @@ from vcas_bench.vcas import keep_ratio_cost
 
 
 def gradient_norm_bound(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``||softmax(z_i) - onehot(y_i)||_2``: the cross-entropy gradient's norm at the logits."""
-    probs = torch.softmax(logits.detach().float(), dim=-1)
-    onehot = torch.nn.functional.one_hot(labels, probs.shape[-1]).float()
-    return (probs - onehot).norm(dim=-1)
+    """The norm of each example's loss gradient at the logits, (N,).
+
+    Classification, logits (N, C): ``||softmax(z_i) - onehot(y_i)||_2``. Masked-LM, logits (N, L, V) and
+    labels -100 at unmasked tokens, with the per-example loss the mean over its ``m_i`` masked tokens:
+    ``sqrt(sum_t ||softmax(z_it) - onehot(y_it)||^2) / m_i`` over the masked tokens (0 without any).
+    """
+    if logits.dim() == 2:
+        probs = torch.softmax(logits.detach().float(), dim=-1)
+        return (probs - torch.nn.functional.one_hot(labels, probs.shape[-1]).float()).norm(dim=-1)
+    masked = labels.ne(-100)
+    row = masked.nonzero()[:, 0]  # example of each masked token
+    probs = torch.softmax(logits.detach()[masked].float(), dim=-1)  # only the masked tokens
+    sq = (probs - torch.nn.functional.one_hot(labels[masked], probs.shape[-1]).float()).square().sum(-1)
+    per_example = torch.zeros(len(labels), device=sq.device).index_add_(0, row, sq)
+    return per_example.sqrt() / masked.sum(1).clamp_min(1)
 
 
 def variance_reduction(scores: torch.Tensor) -> float:

@@ -19,7 +19,7 @@ import datasets
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from vcas_bench.models import MODEL_MODALITIES, ModelBundle
+from vcas_bench.models import MLM_MODELS, MODEL_MODALITIES, ModelBundle
 from vcas_bench.registry import Registry
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "TASK_MODALITIES",
     "TaskData",
     "cap_indices",
+    "compatibility_error",
     "create_task",
     "register_task",
     "split_rows",
@@ -54,6 +55,9 @@ class TaskData:
         num_labels: Number of classes; labels lie in [0, num_labels) (MLM: the vocabulary size).
         modality: "text", "image" or "mlm".
         extra_eval: Further eval sets by name, e.g. MNLI's other dev set {"mismatched": ...}.
+        phase_train: The training rows for VCAS's variance phases when reading `train` draws randomness
+            (c4's dynamic masking): an independent copy, so the phases' extra batches do not shift the
+            masks of the training batches and every sampler of a comparison trains on the same ones.
     """
 
     train: datasets.Dataset
@@ -61,6 +65,7 @@ class TaskData:
     num_labels: int
     modality: str
     extra_eval: dict[str, datasets.Dataset] = field(default_factory=dict)
+    phase_train: datasets.Dataset | None = None
 
 
 def register_task(name: str, modality: str) -> Callable[[Callable[..., TaskData]], Callable[..., TaskData]]:
@@ -102,13 +107,31 @@ def create_task(name: str, bundle: ModelBundle, model_name: str | None = None, *
     return TASKS.create(name, **inputs, **kwargs)
 
 
+def compatibility_error(task: str, model: str) -> str | None:
+    """Why registered `task` and `model` cannot run together (one line), or None; known before building.
+
+    Classification tasks need a model of their modality; masked-LM tasks one with a masked-LM variant.
+    """
+    if task not in TASK_MODALITIES or model not in MODEL_MODALITIES:
+        return None  # unknown names are reported by the registries
+    modality = TASK_MODALITIES[task]
+    if modality == "mlm":
+        return None if model in MLM_MODELS else _mismatch(task, modality, MODEL_MODALITIES[model], model)
+    if modality != MODEL_MODALITIES[model]:
+        return _mismatch(task, modality, MODEL_MODALITIES[model], model)
+    return None
+
+
 def _mismatch(name: str, modality: str, model_modality: str, model_name: str | None) -> str:
     """One line saying why the task and the model do not fit, and which models would."""
     model = f"model {model_name!r}" if model_name else "the model"
-    choices = ", ".join(sorted(m for m, kind in MODEL_MODALITIES.items() if kind == modality))
     if modality == "mlm":
-        models = f"pick one of: {choices}" if choices else "MLM models are not available yet"
-        return f"task {name!r} is masked-LM pretraining; {model} is a classifier; {models}"
+        choices = ", ".join(sorted(MLM_MODELS))
+        if model_name in MLM_MODELS:  # the right model, built as a classifier
+            return f"task {name!r} is masked-LM pretraining; {model} was built as a classifier (mlm=True)"
+        pretraining = f"task {name!r} is masked-LM pretraining"
+        return f"{pretraining}; {model} has no masked-LM variant; pick one of: {choices}"
+    choices = ", ".join(sorted(m for m, kind in MODEL_MODALITIES.items() if kind == modality))
     task_kind, model_kind = _with_article(modality), _with_article(model_modality)
     return f"task {name!r} is {task_kind} task but {model} is {model_kind} model; pick one of: {choices}"
 

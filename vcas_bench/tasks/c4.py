@@ -179,6 +179,9 @@ def c4(
     )
     masked = mask_transform(eval_collator)(_blocks_dataset(eval_)[:])  # once: eval masks never change
     eval_set = datasets.Dataset.from_dict({key: value.numpy() for key, value in masked.items()})
-    train_collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability, seed=seed)
-    train_set = _blocks_dataset(train).with_transform(mask_transform(train_collator))
-    return TaskData(train_set, eval_set.with_format("torch"), len(tokenizer), "mlm")
+    train_set, phase_set = (
+        _blocks_dataset(train).with_transform(mask_transform(DataCollatorForLanguageModeling(
+            tokenizer, mlm_probability=mlm_probability, seed=mask_seed)))
+        for mask_seed in (seed, seed + 1_000_003)  # the phases' copy masks from its own stream
+    )
+    return TaskData(train_set, eval_set.with_format("torch"), len(tokenizer), "mlm", phase_train=phase_set)

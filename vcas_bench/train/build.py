@@ -66,20 +66,41 @@ def build_scheduler(optimizer, schedule: str, total_steps: int, warmup_ratio: fl
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per example, (N,).
+
+    Args:
+        logits: (N, C) for classification, or (N, L, V) token logits for masked-LM.
+        labels: (N,) classes, or (N, L) token ids with -100 where a token is not predicted.
+
+    For masked-LM an example's loss is the mean over its masked tokens (0 for an example with none), so
+    the samplers that pick examples by their loss (SB, UB) see one number per example.
+    """
+    if logits.dim() == 2:
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+    per_token = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none",
+                                ignore_index=-100).view(labels.shape)  # 0 at ignored tokens
+    return per_token.sum(1) / labels.ne(-100).sum(1).clamp_min(1)
+
+
 def build_loss_fn(bundle: ModelBundle, device: torch.device) -> Callable[[Batch], tuple]:
     """``batch -> (per-example cross-entropy (N,), logits)``, moving the batch to ``device``."""
 
     def loss_fn(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         logits = bundle.logits_fn(bundle.model, batch)
-        return F.cross_entropy(logits.float(), batch["labels"], reduction="none"), logits
+        return per_example_loss(logits, batch["labels"]), logits
 
     return loss_fn
 
 
 @torch.no_grad()
 def evaluate(bundle: ModelBundle, loader: DataLoader, device: torch.device) -> dict[str, float]:
-    """Accuracy and mean loss over the whole eval set, in eval mode (dropout off)."""
+    """Accuracy and mean loss over the whole eval set, in eval mode (dropout off).
+
+    For masked-LM both are over the masked tokens (labels other than -100): token accuracy and the
+    mean cross-entropy per predicted token.
+    """
     model = bundle.model
     was_training = model.training
     model.eval()
@@ -88,9 +109,12 @@ def evaluate(bundle: ModelBundle, loader: DataLoader, device: torch.device) -> d
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = bundle.logits_fn(model, batch).float()
-        loss_sum += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
-        correct += int((logits.argmax(-1) == batch["labels"]).sum())
-        total += len(batch["labels"])
+        logits, labels = logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1)
+        scored = labels.ne(-100)
+        logits, labels = logits[scored], labels[scored]
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+        total += len(labels)
     model.train(was_training)
     return {"eval_accuracy": correct / total, "eval_loss": loss_sum / total}
 

@@ -23,8 +23,9 @@ from vcas_bench.models import create_model
 from vcas_bench.report.files import write_csv, write_json
 from vcas_bench.report.table import comparison_rows, markdown_table
 from vcas_bench.samplers import create_sampler
-from vcas_bench.tasks import create_task
+from vcas_bench.tasks import TASK_MODALITIES, create_task
 from vcas_bench.train import build
+from vcas_bench.train.glue_eval import glue_eval
 from vcas_bench.train.loop import train
 
 
@@ -75,7 +76,7 @@ def run_one(
     if spec["name"].startswith("vcas") and settings.get("F") is None and cfg.task.vcas_F:
         settings["F"] = cfg.task.vcas_F
     sampler = create_sampler(spec["name"], seed=cfg.seed, **settings)
-    sampler.attach(bundle.model, cfg.model.block_type, total_steps)
+    sampler.attach(bundle.model, cfg.model.block_type or bundle.block_type, total_steps)
     optim = cfg.model.optim
     optimizer = build.build_optimizer(bundle.model, optim.name, optim.lr, optim.weight_decay, optim.momentum)
     scheduler = build.build_scheduler(optimizer, optim.schedule, total_steps, optim.warmup_ratio)
@@ -87,7 +88,8 @@ def run_one(
         result = train(
             bundle.model, sampler, build.build_loss_fn(bundle, device),
             build.build_train_loader(data.train, batch_size, cfg.seed),
-            build.build_extra_batches(data.train, batch_size, cfg.seed), optimizer, scheduler, total_steps,
+            build.build_extra_batches(_phase_rows(data), batch_size, cfg.seed), optimizer,
+            scheduler, total_steps,
             evaluate=lambda: build.evaluate_all(bundle, eval_loaders, device), device=device,
             max_grad_norm=optim.max_grad_norm, flops_every=cfg.trainer.flops_every,
             time_detail=device.type == "cpu" if cfg.trainer.time_detail is None else cfg.trainer.time_detail,
@@ -97,6 +99,9 @@ def run_one(
     finally:
         sampler.detach()
     metrics = _metrics(cfg, spec, result, device, total_steps, per_epoch, reference)
+    if cfg.task.glue_eval.task is not None:  # pretraining is scored by fine-tuning on GLUE
+        metrics.update(glue_eval(bundle, OmegaConf.to_container(cfg.task.glue_eval, resolve=True), cfg.seed,
+                                 device))
     metrics["wall_clock_s"] = time.perf_counter() - started
     write_json(run_dir / "metrics.json", metrics)
     write_csv(run_dir / "train_log.csv", result.train_log)
@@ -108,12 +113,18 @@ def run_one(
 def _build_model_and_data(cfg: DictConfig):
     task_args = OmegaConf.to_container(cfg.task.args, resolve=True)
     model_args = OmegaConf.to_container(cfg.model.args, resolve=True)
-    bundle = create_model(cfg.model.name, num_labels=cfg.task.num_labels, **model_args)
+    mlm = TASK_MODALITIES.get(cfg.task.name) == "mlm"  # pretraining: the model's masked-LM variant
+    bundle = create_model(cfg.model.name, num_labels=cfg.task.num_labels, mlm=mlm, **model_args)
     data = create_task(cfg.task.name, bundle=bundle, model_name=cfg.model.name, seed=cfg.seed, **task_args)
     if data.num_labels != cfg.task.num_labels:
         raise ValueError(f"task {cfg.task.name!r} has {data.num_labels} labels but task.num_labels="
                          f"{cfg.task.num_labels}")
     return bundle, data
+
+
+def _phase_rows(data):
+    """Where VCAS's variance phases read their batches (their own copy when reading draws masks)."""
+    return data.phase_train if data.phase_train is not None else data.train
 
 
 def final_train_loss(losses: list[float]) -> float:

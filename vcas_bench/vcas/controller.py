@@ -8,11 +8,17 @@ the same dropout masks, estimates
 - ``V_act`` = mean squared distance of the SampleA gradients to their batch's exact gradient,
 - ``V_w,l`` = mean analytic SampleW variance (Eq. 3) of linear ``l`` at its current ``nu``,
 
-on the weights of the sampled linears (optionally on a random subset of their entries), and then
+on the weights inside the blocks (the sampled linears', plus conv kernels in a CNN; optionally on a
+random subset of their entries), and then
 
 - ``s <- clip(s + alpha * sign(V_act - tau_act * V_s), 0, 1)``          (Eq. 5, sign(0) = +1)
 - ``rho <- ema * rho + (1 - ema) * envelope(p(s_new))``                   (Eq. 4 at the *new* s)
 - ``nu_l <- nu_l / beta`` if ``V_w,l > tau_w * V_s,l`` else ``nu_l * beta``, clamped to (0, 1].
+  A model without sampled linears (a CNN: activation-only VCAS) has no ``nu`` and no ``V_w``.
+
+The phase leaves no trace on the model: buffers (BatchNorm running statistics, which every extra
+train-mode forward would update) are restored afterwards; with ``fold_batch`` to their state after
+the scheduled batch's own forward.
 
 Gradients are taken with ``torch.autograd.grad``, so ``.grad`` (and any accumulated gradient) is
 never touched. Dropout masks are replayed by restoring the global RNG *state* captured before the
@@ -96,7 +102,8 @@ class PhaseStats:
         ratio = (lambda v: v / self.V_s) if self.V_s > 0 else (lambda v: math.nan)
         return {
             "s": self.s, "rho_mean": sum(self.rho) / len(self.rho),
-            "nu_mean": sum(self.nu) / max(len(self.nu), 1), "V_s": self.V_s, "V_act": self.V_act,
+            "nu_mean": sum(self.nu) / len(self.nu) if self.nu else math.nan,  # nan: no SampleW
+            "V_s": self.V_s, "V_act": self.V_act,
             "V_w": self.V_w, "V_act_over_V_s": ratio(self.V_act), "V_w_over_V_s": ratio(self.V_w),
             "phase_cost": self.cost,
         }
@@ -218,7 +225,8 @@ class VcasController:
     # -- variance phase ------------------------------------------------------------------------
     def _estimate(self, loss_fn: LossFn, batches: list[Any]) -> dict[str, Any]:
         cfg, sampler = self.config, self.sampler
-        weights = self.wrapped.linear_weights
+        weights = self.wrapped.variance_weights  # sampled linears first: V_s_layer[l] pairs with linear l
+        buffers = _buffer_snapshot(self.wrapped.model)
         probes = [self._probe_subset(w) for w in weights]
         fractions = torch.tensor([self._probe_fraction(w, p) for w, p in zip(weights, probes)],
                                  dtype=torch.float64)
@@ -230,6 +238,8 @@ class VcasController:
         for i, batch in enumerate(batches):
             rng_before = _rng_state()
             loss = loss_fn(batch)
+            if i == 0 and cfg.fold_batch:  # the scheduled batch's forward is a real training forward
+                buffers = _buffer_snapshot(self.wrapped.model)
             g_exact = self._pass(loss, weights, probes, exact=True, fold=cfg.fold_batch and i == 0)
             for sign in (+1, -1):
                 s_cand = min(max(self.s + sign * self._s_step(sign), 0.0), 1.0)
@@ -247,6 +257,7 @@ class VcasController:
                 g_act = self._pass(loss, weights, probes, exact=False, retain=j < cfg.M - 1)
                 act_sq += torch.tensor([(a - e).square().sum().item() for a, e in zip(g_act, g_exact)],
                                        dtype=torch.float64)
+        _restore_buffers(self.wrapped.model, buffers)
         M = cfg.M
         V_s_layer = [float(((t2 - t.square() / M).sum() / (M - 1)) / r)
                      for t, t2, r in zip(sum_g, sum_g2, fractions.tolist())]
@@ -259,37 +270,40 @@ class VcasController:
 
     def _pass(self, loss: torch.Tensor, weights, probes, exact: bool, retain: bool = False,
               fold: bool = False) -> list[torch.Tensor]:
-        """One backward of ``loss``; returns the probed part of each linear weight's gradient.
+        """One backward of ``loss``; returns the probed part of each weight's gradient.
 
         The graph is kept for the SampleA passes when they reuse the forward. With ``fold`` the exact
         gradient of every parameter is computed and kept for :meth:`take_folded`. With row probes
-        (and no ``fold``) the linears compute only the probed rows of their weight gradient.
+        (and no ``fold``) the sampled linears compute only the probed rows of their weight gradient;
+        other weights (conv kernels) are probed from their full gradient.
         """
         sampler, by_rows = self.sampler, self.config.variance_subset == "rows"
+        probe_linears = by_rows and not fold
         saved = (sampler.sample_activations, sampler.sample_weights)
         sampler.sample_activations, sampler.sample_weights = not exact, False
         sampler.record_norms, sampler.record_weight_variance = exact, not exact
         retain = retain or (exact and self.config.reuse_forward)
-        if by_rows and not fold:
+        if probe_linears:
             for slot, rows in zip(sampler.linears, probes):
                 slot.probe_rows = rows
         try:
             targets = self.params if fold else weights
-            grads = torch.autograd.grad(loss, targets, retain_graph=retain, allow_unused=fold)
-            if by_rows and not fold:
-                return [slot.probe_grad.detach().flatten().float() for slot in sampler.linears]
+            grads = list(torch.autograd.grad(loss, targets, retain_graph=retain, allow_unused=fold))
+            probed = [slot.probe_grad for slot in sampler.linears] if probe_linears else []
         finally:
             sampler.sample_activations, sampler.sample_weights = saved
             sampler.record_norms = sampler.record_weight_variance = False
             for slot in sampler.linears:
                 slot.probe_rows = slot.probe_grad = None
         if fold:
-            self.folded = (float(loss.detach()), list(grads))
+            self.folded = (float(loss.detach()), grads)
             by_id = {id(p): g for p, g in zip(self.params, grads)}
             grads = [by_id[id(w)] for w in weights]
-        if by_rows:
-            return [g.detach()[rows].flatten().float() for g, rows in zip(grads, probes)]
-        return [g.detach().flatten()[e].float() for g, e in zip(grads, probes)]
+        if not by_rows:
+            return [g.detach().flatten()[e].float() for g, e in zip(grads, probes)]
+        done = len(probed)  # the linears' probed rows; the rest are cut from full gradients
+        rest = [g.detach()[rows].flatten().float() for g, rows in zip(grads[done:], probes[done:])]
+        return [p.detach().flatten().float() for p in probed] + rest
 
     def _probe_subset(self, weight: torch.Tensor) -> torch.Tensor:
         """This phase's random subset: flat entry indices, or output-row indices with ``rows``."""
@@ -358,6 +372,17 @@ class VcasController:
         for slot in self.sampler.linears:
             per_block[slot.block].append(slot.nu)
         return per_block
+
+
+def _buffer_snapshot(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(buf, buf.detach().clone()) for buf in model.buffers()]
+
+
+def _restore_buffers(model: nn.Module, snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Undo the variance phase's forwards on buffers (BatchNorm running mean/var, batch counter)."""
+    with torch.no_grad():
+        for buf, saved in snapshot:
+            buf.copy_(saved)
 
 
 def _cuda_devices(tensors: list[torch.Tensor]) -> list[int]:

@@ -5,9 +5,15 @@ Wrapping never renames anything: each block gets a forward hook that routes its 
 class switched to :class:`SampledLinear`, which keeps the very same ``weight``/``bias`` parameters.
 So ``state_dict()`` keys, optimizers built before wrapping, and checkpoints stay valid.
 
-Assumptions (checked where possible): dimension 0 of every block input/output is the batch, and
-nothing inside a block mixes batch rows (no BatchNorm). Blocks are taken in module order, which must
-be their forward order (true for BERT/ViT encoders and timm's ``blocks``).
+Only ``nn.Linear`` is switched: convolutions and everything else keep their own backward, so a CNN
+(whose blocks hold no linear) gets SampleA at block outputs and no SampleW ("activation-only").
+
+Assumptions: dimension 0 of every block input/output is the batch, and blocks are taken in module
+order, which must be their forward order (true for BERT/ViT encoders, timm's ``blocks`` and ResNet
+stages). Layers that mix batch rows (BatchNorm in train mode) are allowed: SampleA stays unbiased
+because everything below a block output is linear in its gradient, and a sampled linear decides which
+rows to skip from its *own* output gradient, which is exactly zero only where skipping changes nothing
+(see ``README.md``, "CNNs and BatchNorm").
 """
 
 from __future__ import annotations
@@ -45,6 +51,20 @@ class Wrapped:
     @property
     def linear_weights(self) -> list[torch.Tensor]:
         return [m.weight for m in self.linear_modules]
+
+    @property
+    def variance_weights(self) -> list[torch.Tensor]:
+        """The weights the controller measures variances on: the sampled linears' (in slot order, so
+        entry ``l`` belongs to linear ``l``), then every other matrix/kernel inside the blocks (conv
+        kernels of a CNN). For transformer blocks the two lists are the same."""
+        seen = {id(w) for w in self.linear_weights}
+        others = []
+        for name in self.block_names:
+            for param in self.model.get_submodule(name).parameters():
+                if param.requires_grad and param.ndim >= 2 and id(param) not in seen:
+                    seen.add(id(param))
+                    others.append(param)
+        return [*self.linear_weights, *others]
 
 
 def find_blocks(model: nn.Module, block_type: type | str) -> list[tuple[str, nn.Module]]:
