@@ -149,7 +149,7 @@ def test_skipping_rows_by_the_block_mask_below_batchnorm_is_flagged(monkeypatch)
         return grad, keep
 
     monkeypatch.setattr(vcas_autograd.RowSampler, "_draw_rows", remembering_draw)
-    monkeypatch.setattr(vcas_autograd, "nonzero_rows", lambda grad: last_keep.get("rows"))
+    monkeypatch.setattr(vcas_autograd, "nonzero_rows", lambda grad, reference=False: last_keep.get("rows"))
     d = _draw(_bn_mlp(), 200)
     by_name = {s.name: s for s in _stats(d)}
     flagged = [i for i in (1, 2, 3) if by_name[f"{i}.fc1.weight"].biased]
