@@ -7,10 +7,14 @@ backward of the linears costs ``r`` of the exact one (rho = nu = 1, nothing else
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
-from vcas_bench.vcas import Wrapped, unwrap, wrap
+from vcas_bench.samplers import StepStats
+from vcas_bench.vcas import Wrapped, keep_ratio_cost, unwrap, wrap
 
 
 class RowSubsetBackward:
@@ -40,3 +44,34 @@ class RowSubsetBackward:
         (losses * weights.to(losses.dtype)).sum().backward()
         return float(keep.float().mean())
 
+
+
+class RowSubsetSampler:
+    """What SB and UB share: a private generator, the row-skipping engine, and no adaptation phase.
+
+    A subclass decides the per-example loss weights of a batch and calls :meth:`backward_weighted`.
+    """
+
+    name = "rows"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rows = RowSubsetBackward(self.generator)
+
+    def attach(self, model: nn.Module, block_type: str, total_steps: int) -> None:
+        self.rows.attach(model, block_type)
+
+    def backward_weighted(self, losses: torch.Tensor, weights: torch.Tensor) -> StepStats:
+        """Backward of the weighted loss over the kept rows; the step's statistics."""
+        ratio = self.rows.backward(losses, weights)
+        return StepStats(loss=float(losses.detach().mean()), keep_ratio=ratio,
+                         analytic_cost=keep_ratio_cost(ratio))
+
+    def adapt_due(self, step: int) -> bool:
+        return False
+
+    def adapt(self, step: int, loss_fn: Callable, next_batch: Callable[[], Any], batch: Any) -> dict:
+        raise RuntimeError(f"{self.name} has no adaptation phase")
+
+    def detach(self) -> None:
+        self.rows.detach()

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from vcas_bench.samplers import SAMPLERS, LossFn, StepStats
-from vcas_bench.samplers.rows import RowSubsetBackward
-from vcas_bench.vcas import keep_ratio_cost
+from vcas_bench.samplers.rows import RowSubsetSampler
 
 
 def loss_percentiles(losses: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
@@ -37,7 +34,7 @@ def selection_probabilities(losses: torch.Tensor, history: torch.Tensor, beta: f
 
 
 @SAMPLERS.register("sb")
-class SelectiveBackpropSampler:
+class SelectiveBackpropSampler(RowSubsetSampler):
     """Backpropagate only high-loss examples, unweighted."""
 
     name = "sb"
@@ -58,12 +55,8 @@ class SelectiveBackpropSampler:
 
     def __init__(self, settings: Settings, seed: int = 0) -> None:
         self.settings = settings
-        self.generator = torch.Generator().manual_seed(seed)
-        self.rows = RowSubsetBackward(self.generator)
+        super().__init__(seed)
         self.history: deque[float] = deque(maxlen=settings.history)
-
-    def attach(self, model: nn.Module, block_type: str, total_steps: int) -> None:
-        self.rows.attach(model, block_type)
 
     def select(self, losses: torch.Tensor) -> torch.Tensor:
         """Bool keep mask for one batch; updates the loss history."""
@@ -80,18 +73,7 @@ class SelectiveBackpropSampler:
         losses, _ = loss_fn(batch)
         keep = self.select(losses).to(losses.device)
         weights = keep.float() / keep.sum().clamp_min(1)  # unweighted mean over the kept examples
-        ratio = self.rows.backward(losses, weights)
-        return StepStats(loss=float(losses.detach().mean()), keep_ratio=ratio,
-                         analytic_cost=keep_ratio_cost(ratio))
-
-    def adapt_due(self, step: int) -> bool:
-        return False
-
-    def adapt(self, step: int, loss_fn: LossFn, next_batch: Callable[[], Any], batch: Any) -> dict[str, Any]:
-        raise RuntimeError(f"{self.name} has no adaptation phase")
-
-    def detach(self) -> None:
-        self.rows.detach()
+        return self.backward_weighted(losses, weights)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": list(self.history), "generator": self.generator.get_state()}

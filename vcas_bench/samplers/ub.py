@@ -15,16 +15,13 @@ second moments of uniform and importance sampling under the bound) exceeds it; u
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from vcas_bench.samplers import SAMPLERS, LossFn, StepStats
-from vcas_bench.samplers.rows import RowSubsetBackward
-from vcas_bench.vcas import keep_ratio_cost
+from vcas_bench.samplers.rows import RowSubsetSampler
 
 
 def gradient_norm_bound(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -59,7 +56,7 @@ def importance_weights(p: torch.Tensor, draws: int, generator: torch.Generator) 
 
 
 @SAMPLERS.register("ub")
-class UpperBoundSampler:
+class UpperBoundSampler(RowSubsetSampler):
     """Unbiased importance sampling of examples by the loss-gradient upper bound."""
 
     name = "ub"
@@ -75,11 +72,7 @@ class UpperBoundSampler:
 
     def __init__(self, settings: Settings, seed: int = 0) -> None:
         self.settings = settings
-        self.generator = torch.Generator().manual_seed(seed)
-        self.rows = RowSubsetBackward(self.generator)
-
-    def attach(self, model: nn.Module, block_type: str, total_steps: int) -> None:
-        self.rows.attach(model, block_type)
+        super().__init__(seed)
 
     def probabilities(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         scores = gradient_norm_bound(logits, labels).cpu()
@@ -95,18 +88,7 @@ class UpperBoundSampler:
         p = self.probabilities(logits, batch["labels"].to(logits.device))
         draws = max(1, round(len(p) * self.settings.ratio))
         weights = importance_weights(p, draws, self.generator).to(losses.device)
-        ratio = self.rows.backward(losses, weights)
-        return StepStats(loss=float(losses.detach().mean()), keep_ratio=ratio,
-                         analytic_cost=keep_ratio_cost(ratio))
-
-    def adapt_due(self, step: int) -> bool:
-        return False
-
-    def adapt(self, step: int, loss_fn: LossFn, next_batch: Callable[[], Any], batch: Any) -> dict[str, Any]:
-        raise RuntimeError(f"{self.name} has no adaptation phase")
-
-    def detach(self) -> None:
-        self.rows.detach()
+        return self.backward_weighted(losses, weights)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
