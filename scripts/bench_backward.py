@@ -237,6 +237,49 @@ def markdown(rows: list[dict], phases: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Self-time categories of a profiled step (CPU op names): what the fast backward can and cannot shrink.
+CATEGORIES = {
+    "linear forward (addmm)": ("aten::addmm",),
+    "linear backward (mm)": ("aten::mm",),
+    "attention matmuls": ("aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product"),
+    "dropout": ("aten::bernoulli_", "aten::native_dropout"),
+    "elementwise/norm (softmax, GELU, LayerNorm, mul, add)": (
+        "aten::_softmax", "aten::gelu", "aten::native_layer_norm", "aten::mul", "aten::add", "aten::div",
+        "aten::where", "aten::masked_fill", "aten::tanh", "aten::_log_softmax", "aten::nll_loss"),
+    "row engine (gather, scatter, norms, sampling)": (
+        "aten::index", "aten::index_select", "aten::index_copy_", "aten::index_fill_", "aten::any",
+        "aten::ne", "aten::all", "aten::linalg_vector_norm", "aten::sort", "aten::cumsum", "aten::rand",
+        "aten::nonzero", "aten::scatter_", "aten::fill_", "aten::zero_", "aten::clamp"),
+}
+
+
+def profile_step(pair: Pair, variant: str) -> dict[str, float]:
+    """Seconds per category of one step of ``variant`` (self CPU time; the rest is "other")."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _, step = _run(pair, variant)
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    pair.exact.zero_grad(set_to_none=True)
+    pair.sampled.zero_grad(set_to_none=True)
+    seconds = dict.fromkeys([*CATEGORIES, "other"], 0.0)
+    for event in prof.key_averages():
+        name = next((c for c, prefixes in CATEGORIES.items() if event.key.startswith(prefixes)), "other")
+        seconds[name] += event.self_cpu_time_total / 1e6
+    return seconds
+
+
+def profile_markdown(profiles: list[dict]) -> str:
+    header = "| model | variant | " + " | ".join(CATEGORIES) + " | other |"
+    lines = ["", "Where a step's time goes (profiler self time, s; first grid point, one step each):", "",
+             header, "|" + "---|" * (len(CATEGORIES) + 3)]
+    for p in profiles:
+        cells = " | ".join(f"{p['seconds'][c]:.3f}" for c in [*CATEGORIES, "other"])
+        lines.append(f"| {p['model']} | {p['variant']} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
 def whole_runs(dirs: list[str]) -> list[dict]:
     """Whole-run Time↓ / FLOPs↓ (optimizer and variance phases included) from ``vcas-bench`` comparisons."""
     rows = []
@@ -284,10 +327,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", default="results/proxy/vcas-plus-demo,results/proxy/vcas-plus-400",
                         help="comparison directories whose whole-run numbers join the table")
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                        help="profile one step per variant and break its time down by kind of op (CPU)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cpu = device.type == "cpu"  # the op breakdown reads CPU self times
     grid = [tuple(float(x) for x in item.split(":")) for item in args.grid.split(",")]
-    rows, phases = [], []
+    rows, phases, profiles = [], [], []
     for name in args.cases.split(","):
         generator = torch.Generator().manual_seed(args.seed)
         torch.manual_seed(args.seed)  # model init of the random-width stacks; the script owns this process
@@ -295,15 +341,19 @@ def main(argv: list[str] | None = None) -> None:
         for rho, nu in grid:
             rows.append(measure(pair, rho, nu, args.repeats, args.warmup, args.flop_draws))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        if args.profile and cpu:
+            pair.set_ratios(*grid[0])
+            profiles += [{"model": name, "variant": v, "seconds": profile_step(pair, v)} for v in VARIANTS]
         phases += phase_overhead(pair, max(2, args.repeats // 2))
         print(json.dumps(phases[-3:]), file=sys.stderr, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.tag or f"backward-{device.type}"
     runs = whole_runs([d for d in args.runs.split(",") if d])
-    record = {"machine": machine(), "args": vars(args), "rows": rows, "phases": phases, "whole_runs": runs}
+    record = {"machine": machine(), "args": vars(args), "rows": rows, "phases": phases, "whole_runs": runs,
+              "profiles": profiles}
     (out / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
-    table = markdown(rows, phases) + whole_run_markdown(runs)
+    table = markdown(rows, phases) + profile_markdown(profiles) + whole_run_markdown(runs)
     (out / f"{stem}.md").write_text(table)
     print(table)
 
