@@ -193,3 +193,15 @@ def test_row_subset_estimates_are_unbiased_over_phases():
     draws = torch.tensor([ctrl.adapt(_loss_fn(ctrl.wrapped.model), batches, step=i).V_s for i in range(60)],
                          dtype=torch.float64)
     assert abs(draws.mean() - target) < 3 * draws.std() / len(draws) ** 0.5
+
+
+def test_phase_cost_counts_only_the_probed_share_of_the_weight_gemms():
+    # M = 2, rho = 0.5, w = 0.05: exact passes 2 x (1 + 1 + 0.05); SampleA backwards 4 x 0.5 x (1 + 0.05),
+    # each with its own forward (+4) unless it reuses the exact pass's.
+    assert phase_cost_ratio([0.5], 2, False, 0.05) == pytest.approx((2 * 2.05 + 4 * (1 + 0.5 * 1.05)) / 3)
+    assert phase_cost_ratio([0.5], 2, True, 0.05) == pytest.approx((2 * 2.05 + 4 * 0.5 * 1.05) / 3)
+    assert phase_cost_ratio([0.5], 2, True, 1.0) == phase_cost_ratio([0.5], 2, True)
+    ctrl = _controller(_bert(0.0), variance_subset="rows", param_sample_ratio=0.05, fold_batch=True,
+                       reuse_forward=True)
+    # The folded first pass computes its weight gradients in full: + (1 - w) / 3.
+    assert ctrl.phase_cost() == pytest.approx(phase_cost_ratio(ctrl.rho, 2, True, 0.05) + 0.95 / 3)
