@@ -55,6 +55,7 @@ class TrainerConfig:
     progress: bool = True
     flops_every: int = 10  # count FLOPs on every n-th step and every other phase (0: never)
     time_detail: bool | None = None  # time forward and backward apart (None: on CPU only, where it is free)
+    accumulate: int = 1  # micro-batches of task.batch_size per optimizer step (effective batch x accumulate)
 
 
 @dataclass
@@ -124,6 +125,7 @@ def validate(cfg: DictConfig) -> list[str]:
         "task.batch_size must be >= 1": task.batch_size >= 1,
         "trainer.max_steps must be >= 1": trainer.max_steps is None or trainer.max_steps >= 1,
         "trainer.flops_every must be >= 0": trainer.flops_every >= 0,
+        "trainer.accumulate must be >= 1": trainer.accumulate >= 1,
         "trainer.device must be one of auto, cpu, cuda": trainer.device in ("auto", "cpu", "cuda"),
         "logger must be null or wandb": cfg.logger in (None, "wandb"),
     }

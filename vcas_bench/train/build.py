@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from vcas_bench.models import ModelBundle
 
@@ -22,20 +21,6 @@ def build_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
     return torch.device(name)
-
-
-def build_train_loader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
-    """Shuffled with its own generator, so every sampler of a comparison sees the same data order."""
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=True)
-
-
-def build_extra_batches(dataset: Dataset, batch_size: int, seed: int) -> Callable[[], Batch]:
-    """Fresh random batches for variance phases, from their own loader: the training order is untouched."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed + 1_000_003))
-    stream: Iterator[Batch] = itertools.chain.from_iterable(itertools.repeat(loader))
-    return lambda: next(stream)
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float):

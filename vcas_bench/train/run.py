@@ -25,7 +25,8 @@ from vcas_bench.report.table import comparison_rows, markdown_table
 from vcas_bench.samplers import create_sampler
 from vcas_bench.tasks import create_task
 from vcas_bench.train import build
-from vcas_bench.train.loop import train
+from vcas_bench.train.data import build_extra_stream, build_train_stream
+from vcas_bench.train.loop import LoopOptions, train
 
 
 def sampler_specs(cfg: DictConfig, conf_dir: Path | None) -> list[dict[str, Any]]:
@@ -69,8 +70,8 @@ def run_one(
     torch.manual_seed(cfg.seed)  # same model init and dropout stream for every sampler of a comparison
     bundle, data = _build_model_and_data(cfg)
     bundle.model.to(device)
-    batch_size = cfg.task.batch_size
-    total_steps, per_epoch = build.planned_steps(len(data.train), batch_size, cfg.task.epochs,
+    batch_size, accumulate = cfg.task.batch_size, cfg.trainer.accumulate
+    total_steps, per_epoch = build.planned_steps(len(data.train), batch_size * accumulate, cfg.task.epochs,
                                                   cfg.trainer.max_steps)
     if spec["name"].startswith("vcas") and settings.get("F") is None and cfg.task.vcas_F:
         settings["F"] = cfg.task.vcas_F
@@ -84,15 +85,17 @@ def run_one(
                          for name, ds in data.extra_eval.items()})  # e.g. MNLI mismatched
     reset_peak_memory(device)
     try:
+        options = LoopOptions(
+            total_steps=total_steps, accumulate=accumulate, max_grad_norm=optim.max_grad_norm,
+            flops_every=cfg.trainer.flops_every, progress=cfg.trainer.progress,
+            time_detail=device.type == "cpu" if cfg.trainer.time_detail is None else cfg.trainer.time_detail,
+        )
         result = train(
             bundle.model, sampler, build.build_loss_fn(bundle, device),
-            build.build_train_loader(data.train, batch_size, cfg.seed),
-            build.build_extra_batches(data.train, batch_size, cfg.seed), optimizer, scheduler, total_steps,
+            build_train_stream(data.train, batch_size, cfg.seed),
+            build_extra_stream(data.train, batch_size, cfg.seed), optimizer, scheduler,
             evaluate=lambda: build.evaluate_all(bundle, eval_loaders, device), device=device,
-            max_grad_norm=optim.max_grad_norm, flops_every=cfg.trainer.flops_every,
-            time_detail=device.type == "cpu" if cfg.trainer.time_detail is None else cfg.trainer.time_detail,
-            progress=cfg.trainer.progress,
-            on_step=_wandb_logger(cfg, spec["name"], run_dir),
+            options=options, on_step=_wandb_logger(cfg, spec["name"], run_dir),
         )
     finally:
         sampler.detach()
@@ -131,6 +134,7 @@ def _metrics(cfg, spec, result, device, total_steps, per_epoch, reference) -> di
     metrics = {
         "task": cfg.task.name, "model": cfg.model.name, "sampler": spec["name"], "seed": cfg.seed,
         "steps": result.steps, "steps_per_epoch": per_epoch, "batch_size": cfg.task.batch_size,
+        "accumulate": cfg.trainer.accumulate,
         "sampler_settings": {k: v for k, v in spec.items() if k != "name"},
         "final_train_loss": final_train_loss([r["loss"] for r in result.train_log]),
         **{k: v for k, v in result.evals[-1].items() if k.startswith("eval_")},
