@@ -7,6 +7,7 @@ into ``<output dir>/<sampler>/``; the comparison writes ``comparison.{md,csv,jso
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -18,7 +19,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from vcas_bench.measure.timers import peak_memory_mb, reset_peak_memory
+from vcas_bench.measure.flops import FlopMeter
+from vcas_bench.measure.timers import UnitTimer, peak_memory_mb, reset_peak_memory
 from vcas_bench.models import create_model
 from vcas_bench.report.files import write_csv, write_json
 from vcas_bench.report.table import comparison_rows, markdown_table
@@ -27,6 +29,13 @@ from vcas_bench.tasks import create_task
 from vcas_bench.train import build
 from vcas_bench.train.data import build_extra_stream, build_train_stream
 from vcas_bench.train.loop import LoopOptions, train
+from vcas_bench.train.state import (
+    Checkpointer,
+    LoopResult,
+    TrainState,
+    find_resume_checkpoint,
+    load_checkpoint,
+)
 
 
 def sampler_specs(cfg: DictConfig, conf_dir: Path | None) -> list[dict[str, Any]]:
@@ -51,6 +60,8 @@ def run(cfg: DictConfig, out_dir: Path, conf_dir: Path | None = None) -> list[di
     for spec in sampler_specs(cfg, conf_dir):
         metrics = run_one(cfg, spec, out_dir / spec["name"], reference=results[0] if results else None)
         results.append(metrics)
+        if "stopped_at_step" in metrics:  # trainer.stop_after: resume later with trainer.resume=auto
+            return results
     rows = comparison_rows(results)
     write_csv(out_dir / "comparison.csv", rows)
     write_json(out_dir / "comparison.json", {"rows": rows})
@@ -63,9 +74,13 @@ def run(cfg: DictConfig, out_dir: Path, conf_dir: Path | None = None) -> list[di
 def run_one(
     cfg: DictConfig, spec: dict[str, Any], run_dir: Path, reference: dict[str, Any] | None
 ) -> dict[str, Any]:
-    """Train one sampler from scratch with the comparison's seed; write and return its metrics."""
+    """Train one sampler with the comparison's seed (or resume it); write and return its metrics.
+
+    Returns ``{"sampler": ..., "stopped_at_step": k}`` instead when ``trainer.stop_after`` ended it early.
+    """
     started = time.perf_counter()
-    settings = {k: v for k, v in spec.items() if k != "name"}
+    if cfg.trainer.resume == "auto" and (run_dir / "metrics.json").exists():
+        return json.loads((run_dir / "metrics.json").read_text())  # finished before: not redone
     device = build.build_device(cfg.trainer.device)
     torch.manual_seed(cfg.seed)  # same model init and dropout stream for every sampler of a comparison
     bundle, data = _build_model_and_data(cfg)
@@ -73,39 +88,57 @@ def run_one(
     batch_size, accumulate = cfg.task.batch_size, cfg.trainer.accumulate
     total_steps, per_epoch = build.planned_steps(len(data.train), batch_size * accumulate, cfg.task.epochs,
                                                   cfg.trainer.max_steps)
-    if spec["name"].startswith("vcas") and settings.get("F") is None and cfg.task.vcas_F:
-        settings["F"] = cfg.task.vcas_F
-    sampler = create_sampler(spec["name"], seed=cfg.seed, **settings)
-    sampler.attach(bundle.model, cfg.model.block_type, total_steps)
+    sampler = _create_sampler(cfg, spec, bundle.model, total_steps)
     optim = cfg.model.optim
     optimizer = build.build_optimizer(bundle.model, optim.name, optim.lr, optim.weight_decay, optim.momentum)
-    scheduler = build.build_scheduler(optimizer, optim.schedule, total_steps, optim.warmup_ratio)
+    state = TrainState(
+        model=bundle.model, sampler=sampler, optimizer=optimizer,
+        scheduler=build.build_scheduler(optimizer, optim.schedule, total_steps, optim.warmup_ratio),
+        batches=build_train_stream(data.train, batch_size, cfg.seed),
+        extra=build_extra_stream(data.train, batch_size, cfg.seed),
+        result=LoopResult(timer=UnitTimer(device), flops=FlopMeter(cfg.trainer.flops_every)),
+    )
+    checkpoint = find_resume_checkpoint(cfg.trainer.resume, run_dir, spec["name"])
+    if checkpoint is not None:
+        state.load(load_checkpoint(checkpoint))
     eval_loaders = {"": DataLoader(data.eval, batch_size=cfg.task.eval_batch_size)}
     eval_loaders.update({f"{name}_": DataLoader(ds, batch_size=cfg.task.eval_batch_size)
                          for name, ds in data.extra_eval.items()})  # e.g. MNLI mismatched
     reset_peak_memory(device)
+    options = LoopOptions(
+        total_steps=total_steps, accumulate=accumulate, max_grad_norm=optim.max_grad_norm,
+        flops_every=cfg.trainer.flops_every, progress=cfg.trainer.progress,
+        time_detail=device.type == "cpu" if cfg.trainer.time_detail is None else cfg.trainer.time_detail,
+        checkpoint_every=cfg.trainer.checkpoint_every, stop_after=cfg.trainer.stop_after,
+    )
     try:
-        options = LoopOptions(
-            total_steps=total_steps, accumulate=accumulate, max_grad_norm=optim.max_grad_norm,
-            flops_every=cfg.trainer.flops_every, progress=cfg.trainer.progress,
-            time_detail=device.type == "cpu" if cfg.trainer.time_detail is None else cfg.trainer.time_detail,
-        )
         result = train(
-            bundle.model, sampler, build.build_loss_fn(bundle, device),
-            build_train_stream(data.train, batch_size, cfg.seed),
-            build_extra_stream(data.train, batch_size, cfg.seed), optimizer, scheduler,
-            evaluate=lambda: build.evaluate_all(bundle, eval_loaders, device), device=device,
-            options=options, on_step=_wandb_logger(cfg, spec["name"], run_dir),
+            state, build.build_loss_fn(bundle, device),
+            evaluate=lambda: build.evaluate_all(bundle, eval_loaders, device), options=options,
+            save=Checkpointer(state, run_dir, spec["name"], keep=cfg.trainer.keep_checkpoints),
+            on_step=_wandb_logger(cfg, spec["name"], run_dir),
         )
     finally:
         sampler.detach()
+    if result.stopped:
+        return {"sampler": spec["name"], "stopped_at_step": result.steps}
     metrics = _metrics(cfg, spec, result, device, total_steps, per_epoch, reference)
-    metrics["wall_clock_s"] = time.perf_counter() - started
+    metrics["wall_clock_s"] = time.perf_counter() - started  # this process's share when resumed
+    metrics["resumed_from_step"] = result.resumed_from
     write_json(run_dir / "metrics.json", metrics)
     write_csv(run_dir / "train_log.csv", result.train_log)
     if result.phase_log:
         write_csv(run_dir / "sampler_log.csv", [_flatten(p) for p in result.phase_log])
     return metrics
+
+
+def _create_sampler(cfg: DictConfig, spec: dict[str, Any], model, total_steps: int):
+    settings = {k: v for k, v in spec.items() if k != "name"}
+    if spec["name"].startswith("vcas") and settings.get("F") is None and cfg.task.vcas_F:
+        settings["F"] = cfg.task.vcas_F
+    sampler = create_sampler(spec["name"], seed=cfg.seed, **settings)
+    sampler.attach(model, cfg.model.block_type, total_steps)
+    return sampler
 
 
 def _build_model_and_data(cfg: DictConfig):
