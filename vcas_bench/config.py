@@ -56,6 +56,7 @@ class TrainerConfig:
     flops_every: int = 10  # count FLOPs on every n-th step and every other phase (0: never)
     time_detail: bool | None = None  # time forward and backward apart (None: on CPU only, where it is free)
     accumulate: int = 1  # micro-batches of task.batch_size per optimizer step (effective batch x accumulate)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast forward; fp16 adds a GradScaler)
     checkpoint_every: int = 0  # optimizer steps between checkpoints in <run dir>/checkpoints (0: none)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     resume: str | None = None  # null | auto (latest in this output dir) | a checkpoint file or output dir
@@ -130,6 +131,7 @@ def validate(cfg: DictConfig) -> list[str]:
         "trainer.max_steps must be >= 1": trainer.max_steps is None or trainer.max_steps >= 1,
         "trainer.flops_every must be >= 0": trainer.flops_every >= 0,
         "trainer.accumulate must be >= 1": trainer.accumulate >= 1,
+        "trainer.precision must be one of fp32, bf16, fp16": trainer.precision in ("fp32", "bf16", "fp16"),
         "trainer.checkpoint_every must be >= 0": trainer.checkpoint_every >= 0,
         "trainer.keep_checkpoints must be >= 1": trainer.keep_checkpoints >= 1,
         "trainer.stop_after must be >= 1 and needs trainer.checkpoint_every > 0":

@@ -23,6 +23,11 @@ def build_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def build_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 needs loss scaling against underflow of small gradients; bf16 and fp32 do not."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float):
     """AdamW / Adam / SGD; no weight decay on biases and LayerNorm weights (the BERT recipe)."""
     decay, no_decay = [], []
@@ -51,12 +56,20 @@ def build_scheduler(optimizer, schedule: str, total_steps: int, warmup_ratio: fl
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_loss_fn(bundle: ModelBundle, device: torch.device) -> Callable[[Batch], tuple]:
-    """``batch -> (per-example cross-entropy (N,), logits)``, moving the batch to ``device``."""
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_loss_fn(bundle: ModelBundle, device: torch.device, precision: str = "fp32") -> Callable[..., tuple]:
+    """``batch -> (per-example cross-entropy (N,), logits)``, moving the batch to ``device``.
+
+    With ``precision`` bf16 or fp16 the forward runs under autocast; the loss is taken in float32.
+    """
+    dtype = PRECISIONS[precision]
 
     def loss_fn(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        logits = bundle.logits_fn(bundle.model, batch)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = bundle.logits_fn(bundle.model, batch)
         return F.cross_entropy(logits.float(), batch["labels"], reduction="none"), logits
 
     return loss_fn

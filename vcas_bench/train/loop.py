@@ -50,6 +50,8 @@ def train(
     result, batches = state.result, state.batches
     timer, meter = result.timer, result.flops
     loss_fn = meter.wrap_loss_fn(loss_fn)
+    if state.scaler is not None:
+        loss_fn = _with_loss_scale(loss_fn, state.scaler)
     if options.time_detail:  # forward timed on its own; backward = step - forward
         loss_fn = timer.time_forward(loss_fn)
     warm = result.micro_steps + WARMUP_STEPS
@@ -83,7 +85,7 @@ def train(
         loss = sum(s.loss for s in micro) / len(micro)
         _check_finite(loss, "loss", sampler.name, step, save)  # before the update: no bad state is saved
         with timer.unit("optimizer", timed=result.micro_steps > warm):
-            _apply_update(model, optimizer, options, sampler.name, step, save)
+            _apply_update(model, optimizer, state.scaler, options, sampler.name, step, save)
             scheduler.step()
         cost = sum(s.analytic_cost for s in micro) / len(micro)
         result.analytic_cost += cost
@@ -114,18 +116,53 @@ def train(
     return result
 
 
-def _apply_update(model: nn.Module, optimizer: torch.optim.Optimizer, options: LoopOptions, name: str,
-                  step: int, save) -> None:
-    """Mean over micro-batches, optional clipping, the optimizer step; ``.grad`` is cleared after."""
+def _apply_update(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                  options: LoopOptions, name: str, step: int, save: Checkpointer | None) -> None:
+    """Unscale (fp16), mean over micro-batches, optional clipping, the optimizer step; clears ``.grad``."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     if options.accumulate > 1:  # .grad holds the sum of the micro-batch means
         for param in model.parameters():
             if param.grad is not None:
                 param.grad.div_(options.accumulate)
     if options.max_grad_norm:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), options.max_grad_norm)
-        _check_finite(float(norm), "gradient norm", name, step, save)
-    optimizer.step()
+        if scaler is None:  # with fp16 an overflow is the scaler's to handle: it skips the step
+            _check_finite(float(norm), "gradient norm", name, step, save)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity on the per-example losses; their gradient is multiplied by the fp16 loss scale.
+
+    Every gradient below is scaled as ``scaler.scale(loss).backward()`` would scale it, while samplers
+    see true loss values (SB's loss percentiles, logged losses). VCAS's decisions use ratios of
+    norms and variances, which a common scale leaves unchanged.
+    """
+
+    @staticmethod
+    def forward(ctx, losses: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scale)
+        return losses.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (scale,) = ctx.saved_tensors
+        return grad * scale.to(grad.dtype), None
+
+
+def _with_loss_scale(loss_fn: LossFn, scaler: torch.amp.GradScaler) -> LossFn:
+    def scaled(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        losses, logits = loss_fn(batch)
+        scale = scaler.scale(torch.ones((), device=losses.device))  # the current scale, without a sync
+        return _ScaleGradient.apply(losses, scale), logits
+
+    return scaled
 
 
 def _check_finite(value: float, what: str, name: str, step: int, save) -> None:

@@ -97,6 +97,7 @@ def run_one(
         batches=build_train_stream(data.train, batch_size, cfg.seed),
         extra=build_extra_stream(data.train, batch_size, cfg.seed),
         result=LoopResult(timer=UnitTimer(device), flops=FlopMeter(cfg.trainer.flops_every)),
+        scaler=build.build_grad_scaler(cfg.trainer.precision, device),
     )
     checkpoint = find_resume_checkpoint(cfg.trainer.resume, run_dir, spec["name"])
     if checkpoint is not None:
@@ -113,7 +114,7 @@ def run_one(
     )
     try:
         result = train(
-            state, build.build_loss_fn(bundle, device),
+            state, build.build_loss_fn(bundle, device, cfg.trainer.precision),
             evaluate=lambda: build.evaluate_all(bundle, eval_loaders, device), options=options,
             save=Checkpointer(state, run_dir, spec["name"], keep=cfg.trainer.keep_checkpoints),
             on_step=_wandb_logger(cfg, spec["name"], run_dir),
@@ -167,7 +168,7 @@ def _metrics(cfg, spec, result, device, total_steps, per_epoch, reference) -> di
     metrics = {
         "task": cfg.task.name, "model": cfg.model.name, "sampler": spec["name"], "seed": cfg.seed,
         "steps": result.steps, "steps_per_epoch": per_epoch, "batch_size": cfg.task.batch_size,
-        "accumulate": cfg.trainer.accumulate,
+        "accumulate": cfg.trainer.accumulate, "precision": cfg.trainer.precision,
         "sampler_settings": {k: v for k, v in spec.items() if k != "name"},
         "final_train_loss": final_train_loss([r["loss"] for r in result.train_log]),
         **{k: v for k, v in result.evals[-1].items() if k.startswith("eval_")},

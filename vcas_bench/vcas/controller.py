@@ -279,6 +279,12 @@ class VcasController:
     def _update(self, est: dict[str, Any], step: int, cost: float) -> None:
         cfg, sampler = self.config, self.sampler
         V_s = sum(est["V_s_layer"])
+        if not all(map(math.isfinite, [V_s, est["V_act"], *est["V_w_layer"]])):
+            # An overflow (fp16 gradients) measured nothing usable: record it, change nothing.
+            self.history.append(PhaseStats(
+                step=step, s=self.s, V_s=V_s, V_act=est["V_act"], V_w=sum(est["V_w_layer"]), rho=self.rho,
+                nu=self.nu, V_s_layer=est["V_s_layer"], V_w_layer=est["V_w_layer"], cost=cost))
+            return
         direction = +1 if est["V_act"] - cfg.tau_act * V_s >= 0 else -1
         self.alpha_now = self._s_step(direction)
         self._adapt_period(direction)
