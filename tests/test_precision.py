@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_vcas_controller import _batches, _bert, _controller
+from test_vcas_controller import _batches, _controller
 
 from vcas_bench.train.run import run
 from vcas_bench.train.state import latest_checkpoint, load_checkpoint

@@ -131,8 +131,8 @@ def _poison(monkeypatch, call: int, poison) -> None:
     """Let the ``call``-th forward's per-example losses go through ``poison``."""
     make_loss_fn, calls = build.build_loss_fn, []
 
-    def poisoned(bundle, device):
-        loss_fn = make_loss_fn(bundle, device)
+    def poisoned(*args):
+        loss_fn = make_loss_fn(*args)
 
         def fn(batch):
             losses, logits = loss_fn(batch)
