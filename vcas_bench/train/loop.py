@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vcas_bench.samplers import LossFn, StepStats
+from vcas_bench.train.distributed import Dist
 from vcas_bench.train.state import Checkpointer, LoopResult, TrainState
 
 __all__ = ["LoopOptions", "LoopResult", "train"]
@@ -40,12 +41,15 @@ def train(
     options: LoopOptions,
     save: Checkpointer | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    dist: Dist | None = None,
 ) -> LoopResult:
     """Train up to ``options.total_steps`` optimizer steps from wherever ``state`` stands.
 
     Evaluates after each epoch and at the end; calls ``save(step)`` every ``checkpoint_every`` steps, at
-    the end, and before a ``stop_after`` stop.
+    the end, and before a ``stop_after`` stop. Under ``dist`` (data parallel) gradients and the logged
+    loss are averaged over ranks before the update.
     """
+    dist = dist or Dist()
     model, sampler, optimizer, scheduler = state.model, state.sampler, state.optimizer, state.scheduler
     result, batches = state.result, state.batches
     timer, meter = result.timer, result.flops
@@ -82,9 +86,10 @@ def train(
                     stats = sampler.step(batch, loss_fn)
             result.micro_steps += 1
             micro.append(stats)
-        loss = sum(s.loss for s in micro) / len(micro)
+        loss = dist.mean(sum(s.loss for s in micro) / len(micro))  # all ranks see (and guard) the same
         _check_finite(loss, "loss", sampler.name, step, save)  # before the update: no bad state is saved
         with timer.unit("optimizer", timed=result.micro_steps > warm):
+            dist.mean_gradients(model)
             _apply_update(model, optimizer, state.scaler, options, sampler.name, step, save)
             scheduler.step()
         cost = sum(s.analytic_cost for s in micro) / len(micro)

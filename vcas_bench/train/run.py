@@ -28,6 +28,7 @@ from vcas_bench.samplers import create_sampler
 from vcas_bench.tasks import create_task
 from vcas_bench.train import build
 from vcas_bench.train.data import build_extra_stream, build_train_stream
+from vcas_bench.train.distributed import Dist, close_distributed, init_distributed
 from vcas_bench.train.loop import LoopOptions, train
 from vcas_bench.train.state import (
     Checkpointer,
@@ -56,52 +57,68 @@ def run(cfg: DictConfig, out_dir: Path, conf_dir: Path | None = None) -> list[di
     datasets.disable_progress_bars()  # tokenising a few thousand rows needs no bar of its own
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
+    dist, device = init_distributed(build.build_device(cfg.trainer.device))  # torchrun's env, if any
     results: list[dict[str, Any]] = []
-    for spec in sampler_specs(cfg, conf_dir):
-        metrics = run_one(cfg, spec, out_dir / spec["name"], reference=results[0] if results else None)
-        results.append(metrics)
-        if "stopped_at_step" in metrics:  # trainer.stop_after: resume later with trainer.resume=auto
-            return results
+    try:
+        for spec in sampler_specs(cfg, conf_dir):
+            reference = results[0] if results else None
+            metrics = run_one(cfg, spec, out_dir / spec["name"], reference, device, dist)
+            results.append(metrics)
+            if "stopped_at_step" in metrics:  # trainer.stop_after: resume later with trainer.resume=auto
+                return results
+    finally:
+        if dist.world > 1:
+            close_distributed()
+    if dist.is_main:
+        _write_comparison(out_dir, results)
+    return results
+
+
+def _write_comparison(out_dir: Path, results: list[dict[str, Any]]) -> None:
     rows = comparison_rows(results)
     write_csv(out_dir / "comparison.csv", rows)
     write_json(out_dir / "comparison.json", {"rows": rows})
     table = markdown_table(rows)
     (out_dir / "comparison.md").write_text(table + "\n")
     print(table)
-    return results
 
 
 def run_one(
-    cfg: DictConfig, spec: dict[str, Any], run_dir: Path, reference: dict[str, Any] | None
+    cfg: DictConfig, spec: dict[str, Any], run_dir: Path, reference: dict[str, Any] | None,
+    device: torch.device, dist: Dist | None = None,
 ) -> dict[str, Any]:
     """Train one sampler with the comparison's seed (or resume it); write and return its metrics.
 
     Returns ``{"sampler": ..., "stopped_at_step": k}`` instead when ``trainer.stop_after`` ended it early.
+    Under data parallelism only rank 0 evaluates and writes.
     """
     started = time.perf_counter()
+    dist = dist or Dist()
     if cfg.trainer.resume == "auto" and (run_dir / "metrics.json").exists():
         return json.loads((run_dir / "metrics.json").read_text())  # finished before: not redone
-    device = build.build_device(cfg.trainer.device)
-    torch.manual_seed(cfg.seed)  # same model init and dropout stream for every sampler of a comparison
+    # Same model init and dropout stream for every sampler of a comparison; under DDP each rank its own
+    # dropout stream, and rank 0's initial weights for all.
+    torch.manual_seed(cfg.seed + dist.rank)
     bundle, data = _build_model_and_data(cfg)
     bundle.model.to(device)
+    dist.broadcast_parameters(bundle.model)
     batch_size, accumulate = cfg.task.batch_size, cfg.trainer.accumulate
-    total_steps, per_epoch = build.planned_steps(len(data.train), batch_size * accumulate, cfg.task.epochs,
-                                                  cfg.trainer.max_steps)
-    sampler = _create_sampler(cfg, spec, bundle.model, total_steps)
+    total_steps, per_epoch = build.planned_steps(len(data.train) // dist.world, batch_size * accumulate,
+                                                  cfg.task.epochs, cfg.trainer.max_steps)
+    sampler = _create_sampler(cfg, spec, bundle.model, total_steps, dist)
     optim = cfg.model.optim
     optimizer = build.build_optimizer(bundle.model, optim.name, optim.lr, optim.weight_decay, optim.momentum)
     state = TrainState(
         model=bundle.model, sampler=sampler, optimizer=optimizer,
         scheduler=build.build_scheduler(optimizer, optim.schedule, total_steps, optim.warmup_ratio),
-        batches=build_train_stream(data.train, batch_size, cfg.seed),
-        extra=build_extra_stream(data.train, batch_size, cfg.seed),
+        batches=build_train_stream(data.train, batch_size, cfg.seed, dist.rank, dist.world),
+        extra=build_extra_stream(data.train, batch_size, cfg.seed, dist.rank, dist.world),
         result=LoopResult(timer=UnitTimer(device), flops=FlopMeter(cfg.trainer.flops_every)),
         scaler=build.build_grad_scaler(cfg.trainer.precision, device),
     )
     checkpoint = find_resume_checkpoint(cfg.trainer.resume, run_dir, spec["name"])
     if checkpoint is not None:
-        state.load(load_checkpoint(checkpoint))
+        state.load(load_checkpoint(checkpoint), rank=dist.rank)
     eval_loaders = {"": DataLoader(data.eval, batch_size=cfg.task.eval_batch_size)}
     eval_loaders.update({f"{name}_": DataLoader(ds, batch_size=cfg.task.eval_batch_size)
                          for name, ds in data.extra_eval.items()})  # e.g. MNLI mismatched
@@ -115,9 +132,11 @@ def run_one(
     try:
         result = train(
             state, build.build_loss_fn(bundle, device, cfg.trainer.precision),
-            evaluate=lambda: build.evaluate_all(bundle, eval_loaders, device), options=options,
-            save=Checkpointer(state, run_dir, spec["name"], keep=cfg.trainer.keep_checkpoints),
-            on_step=_wandb_logger(cfg, spec["name"], run_dir),
+            evaluate=lambda: build.evaluate_all(bundle, eval_loaders, device) if dist.is_main else {},
+            options=options,
+            save=Checkpointer(state, run_dir, spec["name"], keep=cfg.trainer.keep_checkpoints,
+                              gather=dist.gather if dist.world > 1 else None, writer=dist.is_main),
+            on_step=_wandb_logger(cfg, spec["name"], run_dir) if dist.is_main else None, dist=dist,
         )
     finally:
         sampler.detach()
@@ -126,6 +145,10 @@ def run_one(
     metrics = _metrics(cfg, spec, result, device, total_steps, per_epoch, reference)
     metrics["wall_clock_s"] = time.perf_counter() - started  # this process's share when resumed
     metrics["resumed_from_step"] = result.resumed_from
+    metrics["world_size"] = dist.world
+    metrics["global_batch_size"] = batch_size * accumulate * dist.world
+    if not dist.is_main:
+        return metrics
     write_json(run_dir / "metrics.json", metrics)
     write_csv(run_dir / "train_log.csv", result.train_log)
     if result.phase_log:
@@ -133,11 +156,13 @@ def run_one(
     return metrics
 
 
-def _create_sampler(cfg: DictConfig, spec: dict[str, Any], model, total_steps: int):
+def _create_sampler(cfg: DictConfig, spec: dict[str, Any], model, total_steps: int, dist: Dist):
     settings = {k: v for k, v in spec.items() if k != "name"}
     if spec["name"].startswith("vcas") and settings.get("F") is None and cfg.task.vcas_F:
         settings["F"] = cfg.task.vcas_F
-    sampler = create_sampler(spec["name"], seed=cfg.seed, **settings)
+    # Own generator per rank (independent draws); decisions shared through the reduced statistics.
+    reduce_fn = dist.mean_tensor if dist.world > 1 else None
+    sampler = create_sampler(spec["name"], seed=cfg.seed + dist.rank, reduce_fn=reduce_fn, **settings)
     sampler.attach(model, cfg.model.block_type, total_steps)
     return sampler
 
