@@ -1,7 +1,8 @@
 """Data-parallel training across processes started by ``torchrun`` (gloo on CPU, nccl on CUDA).
 
 Launch: ``torchrun --nproc_per_node=N -m vcas_bench ...``; each process reads ``RANK``, ``WORLD_SIZE`` and
-``LOCAL_RANK`` from its environment. Without them (or with ``WORLD_SIZE=1``) everything here is a no-op.
+``LOCAL_RANK`` from its environment (in a multi-task SLURM job, submitit derives them from SLURM's).
+Without them (or with ``WORLD_SIZE=1``) everything here is a no-op.
 
 What is synchronised, and how:
 
@@ -91,6 +92,12 @@ class Dist:
 
 def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
     """Join the process group ``torchrun`` set up; returns this rank and its training device."""
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        # A SLURM job with several tasks (hydra/launcher=slurm, tasks_per_node > 1): submitit derives
+        # torchrun's variables (rank, world size, master address) from SLURM's.
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist(), device
