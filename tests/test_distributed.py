@@ -44,14 +44,21 @@ def _rank_main(rank: int, port: int, config: dict, out_dir: str) -> None:
     run_module.run(OmegaConf.create(config), Path(out_dir))
 
 
+DDP = ["task=digits", "model=vit-tiny", "sampler=vcas", "baselines=[]", "sampler.F=2", "sampler.tau=0.5",
+       "sampler.alpha=0.1", "trainer.max_steps=8", "task.batch_size=16", "task.args.train_size=256",
+       "task.args.eval_size=64", "trainer.num_threads=1", "trainer.checkpoint_every=4",
+       "trainer.flops_every=0"]
+
+
+def _spawn(cfg, out_dir: Path) -> list[dict]:
+    mp.spawn(_rank_main, args=(_free_port(), OmegaConf.to_container(cfg), str(out_dir)), nprocs=WORLD)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
 def test_two_gloo_ranks_decide_alike_and_end_with_equal_weights(make_cfg, tmp_path):
-    cfg = make_cfg("task=digits", "model=vit-tiny", "sampler=vcas", "baselines=[]", "sampler.F=2",
-                   "sampler.tau=0.5", "sampler.alpha=0.1", "trainer.max_steps=8", "task.batch_size=16",
-                   "task.args.train_size=256", "task.args.eval_size=64", "trainer.num_threads=1",
-                   "trainer.checkpoint_every=8",
-                   "trainer.flops_every=0")
-    mp.spawn(_rank_main, args=(_free_port(), OmegaConf.to_container(cfg), str(tmp_path)), nprocs=WORLD)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    """8 steps, 4 phases; then the same run stopped after 4 steps and resumed on two fresh ranks ends
+    identical to it on each rank (every rank restored its own generator, RNG and data position)."""
+    ranks = _spawn(make_cfg(*DDP, f"output_dir={tmp_path}"), tmp_path)
     assert ranks[0]["steps"] == ranks[1]["steps"] == 8
     history = [r["sampler"]["history"] for r in ranks]
     assert len(history[0]) == 4 and history[0] == history[1]  # s, rho, nu, V_s, V_act, V_w per phase
@@ -62,6 +69,16 @@ def test_two_gloo_ranks_decide_alike_and_end_with_equal_weights(make_cfg, tmp_pa
         assert torch.equal(value, ranks[1]["model"][key]), key
     # Only rank 0 writes; its checkpoint holds both ranks' RNG, sampler and data positions.
     assert (tmp_path / "vcas" / "metrics.json").exists()
-    checkpoint = torch.load(next((tmp_path / "vcas" / "checkpoints").glob("step_*.pt")), weights_only=True)
+    checkpoint = torch.load(sorted((tmp_path / "vcas" / "checkpoints").glob("step_*.pt"))[-1],
+                            weights_only=True)
     assert len(checkpoint["ranks"]) == WORLD
     assert checkpoint["ranks"][1]["sampler"]["history"] == history[1]
+
+    parts = tmp_path / "parts"
+    _spawn(make_cfg(*DDP, f"output_dir={parts}", "trainer.stop_after=4"), parts)
+    resumed = _spawn(make_cfg(*DDP, f"output_dir={parts}", "trainer.resume=auto"), parts)
+    for whole, part in zip(ranks, resumed):
+        assert part["sampler"]["history"] == whole["sampler"]["history"]
+        assert torch.equal(part["sampler"]["generator"], whole["sampler"]["generator"])
+        for key, value in whole["model"].items():
+            assert torch.equal(part["model"][key], value), key

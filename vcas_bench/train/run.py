@@ -58,6 +58,8 @@ def run(cfg: DictConfig, out_dir: Path, conf_dir: Path | None = None) -> list[di
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     dist, device = init_distributed(build.build_device(cfg.trainer.device))  # torchrun's env, if any
+    # Each rank may have its own Hydra run directory: all follow rank 0's (its checkpoints, resume).
+    out_dir = dist.broadcast(out_dir)
     results: list[dict[str, Any]] = []
     try:
         for spec in sampler_specs(cfg, conf_dir):
