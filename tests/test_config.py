@@ -47,6 +47,11 @@ def test_conf_groups_mirror_the_registries():
         (["trainer.max_steps=abc"], r"trainer.max_steps=abc"),
         (["baselines=[exact,nope]"], r"baselines: unknown sampler 'nope'"),
         (["logger=mlflow"], r"logger must be null or wandb"),
+        (["trainer.accumulate=0"], r"trainer.accumulate must be >= 1"),
+        (["trainer.precision=fp8"], r"trainer.precision must be one of fp32, bf16, fp16"),
+        (["trainer.stop_after=3"], r"trainer.stop_after must be >= 1 and needs trainer.checkpoint_every > 0"),
+        (["trainer.resume=/no/such/run"], r"trainer.resume=/no/such/run: no such checkpoint file"),
+        (["trainer.checkpoint_every=-1"], r"trainer.checkpoint_every must be >= 0"),
     ],
 )
 def test_bad_input_is_reported_in_one_line(args, expected):

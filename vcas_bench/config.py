@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -140,6 +141,9 @@ def validate(cfg: DictConfig) -> list[str]:
         "logger must be null or wandb": cfg.logger in (None, "wandb"),
     }
     errors += [message for message, ok in checks.items() if not ok]
+    if trainer.resume not in (None, "auto") and not Path(trainer.resume).exists():
+        errors.append(f"trainer.resume={trainer.resume}: no such checkpoint file or output directory "
+                      "(null, auto, or a path)")
     if cfg.logger == "wandb" and importlib.util.find_spec("wandb") is None:
         errors.append("logger=wandb needs the wandb package: pip install 'vcas-bench[wandb]'")
     for name in cfg.baselines:
