@@ -107,17 +107,8 @@ def run_one(
     batch_size, accumulate = cfg.task.batch_size, cfg.trainer.accumulate
     total_steps, per_epoch = build.planned_steps(len(data.train) // dist.world, batch_size * accumulate,
                                                   cfg.task.epochs, cfg.trainer.max_steps)
-    sampler = _create_sampler(cfg, spec, bundle.model, total_steps, dist)
-    optim = cfg.model.optim
-    optimizer = build.build_optimizer(bundle.model, optim.name, optim.lr, optim.weight_decay, optim.momentum)
-    state = TrainState(
-        model=bundle.model, sampler=sampler, optimizer=optimizer,
-        scheduler=build.build_scheduler(optimizer, optim.schedule, total_steps, optim.warmup_ratio),
-        batches=build_train_stream(data.train, batch_size, cfg.seed, dist.rank, dist.world),
-        extra=build_extra_stream(data.train, batch_size, cfg.seed, dist.rank, dist.world),
-        result=LoopResult(timer=UnitTimer(device), flops=FlopMeter(cfg.trainer.flops_every)),
-        scaler=build.build_grad_scaler(cfg.trainer.precision, device),
-    )
+    state = _build_state(cfg, spec, bundle.model, data.train, total_steps, device, dist)
+    sampler, optim = state.sampler, cfg.model.optim
     checkpoint = find_resume_checkpoint(cfg.trainer.resume, run_dir, spec["name"])
     if checkpoint is not None:
         state.load(load_checkpoint(checkpoint), rank=dist.rank)
@@ -156,6 +147,21 @@ def run_one(
     if result.phase_log:
         write_csv(run_dir / "sampler_log.csv", [_flatten(p) for p in result.phase_log])
     return metrics
+
+
+def _build_state(cfg: DictConfig, spec: dict[str, Any], model, train_data, total_steps: int,
+                 device: torch.device, dist: Dist) -> TrainState:
+    """Sampler, optimizer, schedule, data streams, meters and loss scaler of a fresh run."""
+    optim, batch_size = cfg.model.optim, cfg.task.batch_size
+    optimizer = build.build_optimizer(model, optim.name, optim.lr, optim.weight_decay, optim.momentum)
+    return TrainState(
+        model=model, sampler=_create_sampler(cfg, spec, model, total_steps, dist), optimizer=optimizer,
+        scheduler=build.build_scheduler(optimizer, optim.schedule, total_steps, optim.warmup_ratio),
+        batches=build_train_stream(train_data, batch_size, cfg.seed, dist.rank, dist.world),
+        extra=build_extra_stream(train_data, batch_size, cfg.seed, dist.rank, dist.world),
+        result=LoopResult(timer=UnitTimer(device), flops=FlopMeter(cfg.trainer.flops_every)),
+        scaler=build.build_grad_scaler(cfg.trainer.precision, device),
+    )
 
 
 def _create_sampler(cfg: DictConfig, spec: dict[str, Any], model, total_steps: int, dist: Dist):
