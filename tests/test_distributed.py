@@ -51,6 +51,7 @@ DDP = ["task=digits", "model=vit-tiny", "sampler=vcas", "baselines=[]", "sampler
 
 
 def _spawn(cfg, out_dir: Path) -> list[dict]:
+    out_dir.mkdir(parents=True, exist_ok=True)  # rank 1 may save before rank 0 wrote anything there
     mp.spawn(_rank_main, args=(_free_port(), OmegaConf.to_container(cfg), str(out_dir)), nprocs=WORLD)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
