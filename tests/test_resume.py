@@ -9,6 +9,7 @@ good checkpoint.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import signal
@@ -78,6 +79,23 @@ def test_stopped_and_resumed_run_equals_uninterrupted(make_cfg, tmp_path, settin
     if name.startswith("vcas"):
         assert expected["adapt_phases"] >= 6
     _assert_same_run(whole, parts, name, expected, resumed)
+
+
+def test_resume_from_another_output_dir_or_checkpoint_file(make_cfg, tmp_path):
+    """``trainer.resume=<dir>`` (an earlier command's output dir) and ``=<file.pt>`` start a new output dir
+    from that checkpoint and end equal to the uninterrupted run; a finished run is not redone."""
+    overrides = [*DIGITS, "trainer.max_steps=12", "sampler=exact"]
+    whole, first = tmp_path / "whole", tmp_path / "first"
+    (expected,) = run(make_cfg(*overrides, f"output_dir={whole}"), whole)
+    run(make_cfg(*overrides, f"output_dir={first}", "trainer.stop_after=8"), first)
+    checkpoint = first / "exact" / "checkpoints" / f"step_{8:09d}.pt"
+    for source in (first, checkpoint):
+        out = tmp_path / f"from_{source.name}"
+        (resumed,) = run(make_cfg(*overrides, f"output_dir={out}", f"trainer.resume={source}"), out)
+        assert resumed["resumed_from_step"] == 8
+        _assert_same_run(whole, out, "exact", expected, resumed)
+    (again,) = run(make_cfg(*overrides, f"output_dir={whole}", "trainer.resume=auto"), whole)
+    assert again == json.loads((whole / "exact" / "metrics.json").read_text())
 
 
 def test_killed_process_resumes_from_its_last_complete_checkpoint(make_cfg, tmp_path):
