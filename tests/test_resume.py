@@ -23,7 +23,7 @@ import torch
 
 from vcas_bench.train import build
 from vcas_bench.train.run import run
-from vcas_bench.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
+from vcas_bench.train.state import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 
 DIGITS = ["task=digits", "model=vit-tiny", "baselines=[]", "task.args.train_size=256",
           "task.args.eval_size=64", "task.batch_size=16", "trainer.num_threads=1",
@@ -184,3 +184,10 @@ def test_update_that_breaks_the_weights_is_not_checkpointed(make_cfg, tmp_path, 
                                                  r"checkpointed; last good checkpoint: .*step_000000002\.pt"):
         run(cfg, tmp_path)
     assert load_checkpoint(latest_checkpoint(tmp_path / "exact"))["step"] == 2
+
+
+def test_a_checkpoint_resumes_only_with_the_world_size_that_wrote_it():
+    """Shards and per-rank generators continue only with the same split: a two-rank checkpoint refuses one."""
+    checkpoint = {"step": 8, "ranks": [{}, {}]}
+    with pytest.raises(ValueError, match="step 8 was written by 2 rank.s.; resume it with 2, not 1"):
+        TrainState.load(None, checkpoint, rank=0, world=1)

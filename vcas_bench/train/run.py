@@ -111,7 +111,7 @@ def run_one(
     sampler, optim = state.sampler, cfg.model.optim
     checkpoint = find_resume_checkpoint(cfg.trainer.resume, run_dir, spec["name"])
     if checkpoint is not None:
-        state.load(load_checkpoint(checkpoint), rank=dist.rank)
+        state.load(load_checkpoint(checkpoint), rank=dist.rank, world=dist.world)
     eval_loaders = {"": DataLoader(data.eval, batch_size=cfg.task.eval_batch_size)}
     eval_loaders.update({f"{name}_": DataLoader(ds, batch_size=cfg.task.eval_batch_size)
                          for name, ds in data.extra_eval.items()})  # e.g. MNLI mismatched

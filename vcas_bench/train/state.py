@@ -87,10 +87,11 @@ class TrainState:
                 "scheduler": self.scheduler.state_dict(), "result": self.result.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
-    def load(self, checkpoint: dict[str, Any], rank: int = 0) -> None:
+    def load(self, checkpoint: dict[str, Any], rank: int = 0, world: int = 1) -> None:
         ranks = len(checkpoint["ranks"])
-        if rank >= ranks:
-            raise ValueError(f"checkpoint was written by {ranks} rank(s); cannot resume rank {rank}")
+        if ranks != world:  # data shards and per-rank generators only continue with the same split
+            raise ValueError(f"checkpoint step {checkpoint['step']} was written by {ranks} rank(s); "
+                             f"resume it with {ranks}, not {world}")
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
