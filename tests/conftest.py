@@ -24,10 +24,10 @@ torch.set_num_threads(2)
 FAST = ["trainer.progress=false", "trainer.device=cpu"]
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
-    """The config the CLI would build for ``overrides``."""
+def compose_config(overrides: list[str], hydra: bool = False) -> DictConfig:
+    """The config the CLI would build for ``overrides`` (with Hydra's own node when ``hydra``)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        return compose(config_name="config", overrides=overrides, return_hydra_config=hydra)
 
 
 @pytest.fixture

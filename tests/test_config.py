@@ -84,6 +84,11 @@ def test_conf_groups_mirror_the_registries():
         (["logger=mlflow"], r"logger must be null or wandb"),
         (["task=cifar10", "model=vit-base", "model.args.backend=onnx"], r"model.args.backend must be one"),
         (["task=cifar10", "model=bert-base"], r"task 'cifar10' is an image task but model 'bert-base'"),
+        (["trainer.accumulate=0"], r"trainer.accumulate must be >= 1"),
+        (["trainer.precision=fp8"], r"trainer.precision must be one of fp32, bf16, fp16"),
+        (["trainer.stop_after=3"], r"trainer.stop_after must be >= 1 and needs trainer.checkpoint_every > 0"),
+        (["trainer.resume=/no/such/run"], r"trainer.resume=/no/such/run: no such checkpoint file"),
+        (["trainer.checkpoint_every=-1"], r"trainer.checkpoint_every must be >= 0"),
     ],
 )
 def test_bad_input_is_reported_in_one_line(args, expected):

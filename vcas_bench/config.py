@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -72,6 +73,12 @@ class TrainerConfig:
     progress: bool = True
     flops_every: int = 10  # count FLOPs on every n-th step and every other phase (0: never)
     time_detail: bool | None = None  # time forward and backward apart (None: on CPU only, where it is free)
+    accumulate: int = 1  # micro-batches of task.batch_size per optimizer step (effective batch x accumulate)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast forward; fp16 adds a GradScaler)
+    checkpoint_every: int = 0  # optimizer steps between checkpoints in <run dir>/checkpoints (0: none)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    resume: str | None = None  # null | auto (latest in this output dir) | a checkpoint file or output dir
+    stop_after: int | None = None  # stop (checkpointed, unfinished) after this many steps in this process
 
 
 @dataclass
@@ -151,10 +158,19 @@ def validate(cfg: DictConfig) -> list[str]:
         "model.args.backend must be one of hf, timm": cfg.model.args.get("backend", "hf") in ("hf", "timm"),
         "trainer.max_steps must be >= 1": trainer.max_steps is None or trainer.max_steps >= 1,
         "trainer.flops_every must be >= 0": trainer.flops_every >= 0,
+        "trainer.accumulate must be >= 1": trainer.accumulate >= 1,
+        "trainer.precision must be one of fp32, bf16, fp16": trainer.precision in ("fp32", "bf16", "fp16"),
+        "trainer.checkpoint_every must be >= 0": trainer.checkpoint_every >= 0,
+        "trainer.keep_checkpoints must be >= 1": trainer.keep_checkpoints >= 1,
+        "trainer.stop_after must be >= 1 and needs trainer.checkpoint_every > 0":
+            trainer.stop_after is None or (trainer.stop_after >= 1 and trainer.checkpoint_every > 0),
         "trainer.device must be one of auto, cpu, cuda": trainer.device in ("auto", "cpu", "cuda"),
         "logger must be null or wandb": cfg.logger in (None, "wandb"),
     }
     errors += [message for message, ok in checks.items() if not ok]
+    if trainer.resume not in (None, "auto") and not Path(trainer.resume).exists():
+        errors.append(f"trainer.resume={trainer.resume}: no such checkpoint file or output directory "
+                      "(null, auto, or a path)")
     if cfg.logger == "wandb" and importlib.util.find_spec("wandb") is None:
         errors.append("logger=wandb needs the wandb package: pip install 'vcas-bench[wandb]'")
     for name in cfg.baselines:

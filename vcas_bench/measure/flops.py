@@ -33,6 +33,13 @@ class FlopMeter:
         self._counter: FlopCounterMode | None = None
         self._forward: float | None = None  # FLOPs counted when the probe's first loss returned
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"flops": dict(self.flops), "probes": dict(self.probes), "units": dict(self.units)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.flops = defaultdict(float, state["flops"])
+        self.probes, self.units = Counter(state["probes"]), Counter(state["units"])
+
     def is_probe(self, kind: str, index: int) -> bool:
         if self.every <= 0:
             return False

@@ -65,6 +65,13 @@ class UnitTimer:
 
         return timed
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"seconds": dict(self.seconds), "timed": dict(self.timed), "units": dict(self.units)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seconds = defaultdict(float, state["seconds"])
+        self.timed, self.units = Counter(state["timed"]), Counter(state["units"])
+
     def mean(self, kind: str) -> float | None:
         return self.seconds[kind] / self.timed[kind] if self.timed[kind] else None
 

@@ -8,6 +8,7 @@ the loss (``sb``, biased; ``ub``, unbiased). The row-skipping backward is the on
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -17,12 +18,14 @@ from torch import nn
 
 from vcas_bench.registry import Registry
 
-__all__ = ["SAMPLERS", "Sampler", "StepStats", "LossFn", "create_sampler", "sampler_settings"]
+__all__ = ["SAMPLERS", "Sampler", "StepStats", "LossFn", "ReduceFn", "create_sampler", "sampler_settings"]
 
 SAMPLERS = Registry("sampler")
 
 # (batch) -> (per-example losses (N,), logits (N, C)); the loss graph is live.
 LossFn = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+# Data parallel: the mean of a tensor over all ranks (samplers that adapt use it to decide alike).
+ReduceFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -69,9 +72,15 @@ def sampler_settings(name: str) -> type:
     return SAMPLERS.get(name).Settings
 
 
-def create_sampler(name: str, seed: int = 0, **settings: Any) -> Sampler:
-    """Build the sampler registered as ``name`` from flat settings."""
+def create_sampler(name: str, seed: int = 0, reduce_fn: ReduceFn | None = None, **settings: Any) -> Sampler:
+    """Build the sampler registered as ``name`` from flat settings.
+
+    ``reduce_fn`` (data parallel) goes to samplers that take one: those whose decisions must agree
+    across ranks (VCAS). SB and UB decide per example from the rank's own batch and need none.
+    """
     cls = SAMPLERS.get(name)
+    if reduce_fn is not None and "reduce_fn" in inspect.signature(cls).parameters:
+        return cls(cls.Settings(**settings), seed=seed, reduce_fn=reduce_fn)
     return cls(cls.Settings(**settings), seed=seed)
 
 

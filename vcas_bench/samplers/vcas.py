@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vcas_bench.samplers import SAMPLERS, LossFn, StepStats, mean_loss_backward
+from vcas_bench.samplers import SAMPLERS, LossFn, ReduceFn, StepStats, mean_loss_backward
 from vcas_bench.vcas import VcasConfig, VcasController, interval_cost_ratio
 
 
@@ -56,13 +56,14 @@ class VcasSampler:
             fields["F"], fields["F_max"] = F, (F * factor if factor else None)
             return VcasConfig(**fields, seed=seed)
 
-    def __init__(self, settings: Settings, seed: int = 0) -> None:
-        self.settings, self.seed = settings, seed
+    def __init__(self, settings: Settings, seed: int = 0, reduce_fn: ReduceFn | None = None) -> None:
+        self.settings, self.seed, self.reduce_fn = settings, seed, reduce_fn
         self.controller: VcasController | None = None
 
     def attach(self, model: nn.Module, block_type: str, total_steps: int) -> None:
         F = self.settings.F or default_update_period(total_steps)
-        self.controller = VcasController(model, block_type, self.settings.to_config(F, self.seed))
+        config = self.settings.to_config(F, self.seed)
+        self.controller = VcasController(model, block_type, config, reduce_fn=self.reduce_fn)
 
     def step(self, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> StepStats:
         ctl = self.controller

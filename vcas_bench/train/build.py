@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from vcas_bench.models import ModelBundle
 
@@ -24,18 +23,9 @@ def build_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_train_loader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
-    """Shuffled with its own generator, so every sampler of a comparison sees the same data order."""
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=True)
-
-
-def build_extra_batches(dataset: Dataset, batch_size: int, seed: int) -> Callable[[], Batch]:
-    """Fresh random batches for variance phases, from their own loader: the training order is untouched."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed + 1_000_003))
-    stream: Iterator[Batch] = itertools.chain.from_iterable(itertools.repeat(loader))
-    return lambda: next(stream)
+def build_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 needs loss scaling against underflow of small gradients; bf16 and fp32 do not."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float):
@@ -67,7 +57,7 @@ def build_scheduler(optimizer, schedule: str, total_steps: int, warmup_ratio: fl
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy per example, (N,).
+    """Cross-entropy per example, (N,), in float32.
 
     Args:
         logits: (N, C) for classification, or (N, L, V) token logits for masked-LM.
@@ -83,12 +73,20 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return per_token.sum(1) / labels.ne(-100).sum(1).clamp_min(1)
 
 
-def build_loss_fn(bundle: ModelBundle, device: torch.device) -> Callable[[Batch], tuple]:
-    """``batch -> (per-example cross-entropy (N,), logits)``, moving the batch to ``device``."""
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_loss_fn(bundle: ModelBundle, device: torch.device, precision: str = "fp32") -> Callable[..., tuple]:
+    """``batch -> (per-example cross-entropy (N,), logits)``, moving the batch to ``device``.
+
+    With ``precision`` bf16 or fp16 the forward runs under autocast; the loss is taken in float32.
+    """
+    dtype = PRECISIONS[precision]
 
     def loss_fn(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        logits = bundle.logits_fn(bundle.model, batch)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = bundle.logits_fn(bundle.model, batch)
         return per_example_loss(logits, batch["labels"]), logits
 
     return loss_fn

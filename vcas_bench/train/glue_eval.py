@@ -19,13 +19,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from vcas_bench.config import GlueEvalConfig
+from vcas_bench.measure.flops import FlopMeter
+from vcas_bench.measure.timers import UnitTimer
 from vcas_bench.models import ModelBundle
 from vcas_bench.models.bert import classifier_from_mlm
 from vcas_bench.samplers import create_sampler
 from vcas_bench.tasks import TASK_MODALITIES, create_task
 from vcas_bench.tasks.glue import SPECS
 from vcas_bench.train import build
-from vcas_bench.train.loop import train
+from vcas_bench.train.data import build_extra_stream, build_train_stream
+from vcas_bench.train.loop import LoopOptions, train
+from vcas_bench.train.state import LoopResult, TrainState
 
 __all__ = ["glue_eval", "glue_eval_errors"]
 
@@ -66,13 +70,15 @@ def glue_eval(
         loaders = {"": DataLoader(data.eval, batch_size=cfg.batch_size)}
         loaders.update({f"{name}_": DataLoader(ds, batch_size=cfg.batch_size)
                         for name, ds in data.extra_eval.items()})
-        result = train(
-            bundle.model, sampler, build.build_loss_fn(bundle, device),
-            build.build_train_loader(data.train, cfg.batch_size, seed),
-            build.build_extra_batches(data.train, cfg.batch_size, seed), optimizer, scheduler, cfg.steps,
-            evaluate=lambda: build.evaluate_all(bundle, loaders, device), device=device, flops_every=0,
-            progress=False,
+        state = TrainState(
+            model=bundle.model, sampler=sampler, optimizer=optimizer, scheduler=scheduler,
+            batches=build_train_stream(data.train, cfg.batch_size, seed),
+            extra=build_extra_stream(data.train, cfg.batch_size, seed),
+            result=LoopResult(timer=UnitTimer(device), flops=FlopMeter(0)),
         )
+        result = train(state, build.build_loss_fn(bundle, device),
+                       evaluate=lambda: build.evaluate_all(bundle, loaders, device),
+                       options=LoopOptions(total_steps=cfg.steps, flops_every=0, progress=False))
     final = result.evals[-1]
     metrics = {f"glue_{cfg.task}_{key.removeprefix('eval_')}": value
                for key, value in final.items() if key.startswith("eval_")}

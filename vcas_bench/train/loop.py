@@ -4,94 +4,187 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vcas_bench.measure.flops import FlopMeter
-from vcas_bench.measure.timers import UnitTimer
-from vcas_bench.samplers import LossFn, Sampler
+from vcas_bench.samplers import LossFn, StepStats
+from vcas_bench.train.distributed import Dist
+from vcas_bench.train.state import Checkpointer, LoopResult, TrainState
 
-WARMUP_STEPS = 2  # the first steps pay for allocations and kernel selection: not timed
+__all__ = ["LoopOptions", "LoopResult", "train"]
+
+WARMUP_STEPS = 2  # the first micro-steps of a process pay for allocations and kernel selection: not timed
 
 
 @dataclass
-class LoopResult:
-    steps: int = 0
-    train_log: list[dict[str, Any]] = field(default_factory=list)
-    phase_log: list[dict[str, Any]] = field(default_factory=list)
-    evals: list[dict[str, Any]] = field(default_factory=list)
-    timer: UnitTimer | None = None
-    flops: FlopMeter | None = None
-    analytic_cost: float = 0.0  # summed analytic FLOPs, in exact-step units (steps + phases)
+class LoopOptions:
+    """How the loop runs (flat numbers; the objects it drives are in :class:`TrainState`)."""
+
+    total_steps: int  # optimizer steps
+    accumulate: int = 1  # micro-batches per optimizer step; the gradient is their mean
+    max_grad_norm: float | None = None
+    flops_every: int = 10
+    time_detail: bool = False
+    progress: bool = True
+    checkpoint_every: int = 0  # optimizer steps between checkpoints (0: none); the last step is saved too
+    stop_after: int | None = None  # end this process after that many steps (checkpointed), unfinished
 
 
 def train(
-    model: nn.Module,
-    sampler: Sampler,
+    state: TrainState,
     loss_fn: LossFn,
-    loader: torch.utils.data.DataLoader,
-    next_extra_batch: Callable[[], Any],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    total_steps: int,
     evaluate: Callable[[], dict[str, float]],
-    device: torch.device,
-    max_grad_norm: float | None = None,
-    flops_every: int = 10,
-    time_detail: bool = False,
-    progress: bool = True,
+    options: LoopOptions,
+    save: Checkpointer | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    dist: Dist | None = None,
 ) -> LoopResult:
-    """Train for ``total_steps`` optimizer steps; evaluate after each epoch and at the end."""
-    timer, meter = UnitTimer(device), FlopMeter(flops_every)
-    result = LoopResult(timer=timer, flops=meter)
+    """Train up to ``options.total_steps`` optimizer steps from wherever ``state`` stands.
+
+    Evaluates after each epoch and at the end; calls ``save(step)`` every ``checkpoint_every`` steps, at
+    the end, and before a ``stop_after`` stop. Under ``dist`` (data parallel) gradients and the logged
+    loss are averaged over ranks before the update.
+    """
+    dist = dist or Dist()
+    model, sampler, optimizer, scheduler = state.model, state.sampler, state.optimizer, state.scheduler
+    result, batches = state.result, state.batches
+    timer, meter = result.timer, result.flops
     loss_fn = meter.wrap_loss_fn(loss_fn)
-    if time_detail:  # forward timed on its own; backward = step - forward
+    if state.scaler is not None:
+        loss_fn = _with_loss_scale(loss_fn, state.scaler)
+    if options.time_detail:  # forward timed on its own; backward = step - forward
         loss_fn = timer.time_forward(loss_fn)
-    bar = tqdm(total=total_steps, desc=sampler.name, disable=not progress, dynamic_ncols=True)
+    warm = result.micro_steps + WARMUP_STEPS
+    started = result.steps
+    bar = tqdm(total=options.total_steps, initial=started, desc=sampler.name, disable=not options.progress,
+               dynamic_ncols=True)
     model.train()
-    epoch = 0
-    while result.steps < total_steps:
-        for batch in loader:
-            step, phase = result.steps, None
-            if sampler.adapt_due(step):  # VCAS's variance phase: extra passes on their own batches
+    while result.steps < options.total_steps:
+        step, epoch = result.steps, batches.epoch
+        micro: list[StepStats] = []
+        for index in range(options.accumulate):
+            batch = batches.next()
+            phase = None
+            # F counts optimizer steps: the variance phase runs once, before the step's first micro-batch.
+            # It takes its gradients with autograd.grad, so a gradient accumulated in .grad is never lost.
+            if index == 0 and sampler.adapt_due(step):
                 probe = meter.is_probe("phase", len(result.phase_log))
                 with timer.unit("phase", timed=not probe), meter.unit("phase", probe):
-                    phase = sampler.adapt(step, loss_fn, next_extra_batch, batch)
+                    phase = sampler.adapt(step, loss_fn, state.extra, batch)
                 result.phase_log.append(phase)
-                result.analytic_cost += phase.get("phase_cost", 0.0)
+                result.analytic_cost += phase.get("phase_cost", 0.0) / options.accumulate
             if phase is not None and phase.get("folded_step"):
                 stats = sampler.step(batch, loss_fn)  # applies the phase's exact gradient: phase work
             else:
-                probe = meter.is_probe("step", step)
-                # Warm-up and counted steps run like any other but are left out of the timing.
-                with timer.unit("step", timed=step >= WARMUP_STEPS and not probe), meter.unit("step", probe):
+                probe = meter.is_probe("step", result.micro_steps)
+                timed = result.micro_steps >= warm and not probe  # warm-up and counted steps: not timed
+                with timer.unit("step", timed=timed), meter.unit("step", probe):
                     stats = sampler.step(batch, loss_fn)
-            with timer.unit("optimizer", timed=step >= WARMUP_STEPS):
-                if max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not math.isfinite(stats.loss):
-                raise FloatingPointError(f"{sampler.name}: loss is {stats.loss} at step {step}")
-            result.analytic_cost += stats.analytic_cost
-            result.steps += 1
-            row = {"step": result.steps, "epoch": epoch, "loss": stats.loss, "lr": scheduler.get_last_lr()[0],
-                   "time_s": timer.total(), "keep_ratio": stats.keep_ratio,
-                   "analytic_cost": stats.analytic_cost, **stats.extra}
-            result.train_log.append(row)
-            if on_step:
-                on_step(row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats.loss:.4f}", keep=f"{stats.keep_ratio:.2f}")
-            if result.steps >= total_steps:
-                break
-        epoch += 1
-        result.evals.append({"step": result.steps, "epoch": epoch, **evaluate()})
+            result.micro_steps += 1
+            micro.append(stats)
+        loss = dist.mean(sum(s.loss for s in micro) / len(micro))  # all ranks see (and guard) the same
+        _check_finite(loss, "loss", sampler.name, step, save)  # before the update: no bad state is saved
+        with timer.unit("optimizer", timed=result.micro_steps > warm):
+            dist.mean_gradients(model)
+            _apply_update(model, optimizer, state.scaler, options, sampler.name, step, save)
+            scheduler.step()
+        cost = sum(s.analytic_cost for s in micro) / len(micro)
+        result.analytic_cost += cost
+        result.steps += 1
+        row = {"step": result.steps, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
+               "time_s": timer.total(), "keep_ratio": sum(s.keep_ratio for s in micro) / len(micro),
+               "analytic_cost": cost, **micro[-1].extra}
+        result.train_log.append(row)
+        if on_step:
+            on_step(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", keep=f"{row['keep_ratio']:.2f}")
+        # After each epoch (an accumulation window may end in the next one) and at the end.
+        crossed = batches.epoch_done or batches.epoch != epoch
+        done = result.steps >= options.total_steps
+        if crossed or done:
+            epochs = batches.epoch + (batches.epoch_done or not crossed)  # a partial last epoch counts
+            result.evals.append({"step": result.steps, "epoch": epochs, **evaluate()})
+        stop = options.stop_after is not None and result.steps - started >= options.stop_after and not done
+        every = options.checkpoint_every
+        if save and every and (result.steps % every == 0 or done or stop):
+            _check_finite_parameters(model, sampler.name, result.steps, save)
+            save(result.steps)
+        if stop:
+            result.stopped = True
+            break
     bar.close()
     return result
+
+
+def _apply_update(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                  options: LoopOptions, name: str, step: int, save: Checkpointer | None) -> None:
+    """Unscale (fp16), mean over micro-batches, optional clipping, the optimizer step; clears ``.grad``."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if options.accumulate > 1:  # .grad holds the sum of the micro-batch means
+        for param in model.parameters():
+            if param.grad is not None:
+                param.grad.div_(options.accumulate)
+    if options.max_grad_norm:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), options.max_grad_norm)
+        if scaler is None:  # with fp16 an overflow is the scaler's to handle: it skips the step
+            _check_finite(float(norm), "gradient norm", name, step, save)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity on the per-example losses; their gradient is multiplied by the fp16 loss scale.
+
+    Every gradient below is scaled as ``scaler.scale(loss).backward()`` would scale it, while samplers
+    see true loss values (SB's loss percentiles, logged losses). VCAS's decisions use ratios of
+    norms and variances, which a common scale leaves unchanged.
+    """
+
+    @staticmethod
+    def forward(ctx, losses: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scale)
+        return losses.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (scale,) = ctx.saved_tensors
+        return grad * scale.to(grad.dtype), None
+
+
+def _with_loss_scale(loss_fn: LossFn, scaler: torch.amp.GradScaler) -> LossFn:
+    def scaled(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        losses, logits = loss_fn(batch)
+        scale = scaler.scale(torch.ones((), device=losses.device))  # the current scale, without a sync
+        return _ScaleGradient.apply(losses, scale), logits
+
+    return scaled
+
+
+def _check_finite(value: float, what: str, name: str, step: int, save) -> None:
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{name}: {what} is {value} at step {step + 1}; stopped before the update"
+                                 f"{_last_checkpoint(save)}")
+
+
+def _check_finite_parameters(model: nn.Module, name: str, step: int, save) -> None:
+    """Checkpoints hold finite parameters only: an update that overflowed stops the run instead."""
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise FloatingPointError(f"{name}: parameters became non-finite at step {step} ({bad[0]}"
+                                 f"{' and others' if len(bad) > 1 else ''}); not checkpointed"
+                                 f"{_last_checkpoint(save)}")
+
+
+def _last_checkpoint(save: Checkpointer | None) -> str:
+    last = save.last if save is not None else None
+    return f"; last good checkpoint: {last}" if last else "; no checkpoint was written"

@@ -7,6 +7,7 @@ into ``<output dir>/<sampler>/``; the comparison writes ``comparison.{md,csv,jso
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -18,15 +19,25 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from vcas_bench.measure.timers import peak_memory_mb, reset_peak_memory
+from vcas_bench.measure.flops import FlopMeter
+from vcas_bench.measure.timers import UnitTimer, peak_memory_mb, reset_peak_memory
 from vcas_bench.models import create_model
 from vcas_bench.report.files import write_csv, write_json
 from vcas_bench.report.table import comparison_rows, markdown_table
 from vcas_bench.samplers import create_sampler
 from vcas_bench.tasks import TASK_MODALITIES, create_task
 from vcas_bench.train import build
+from vcas_bench.train.data import build_extra_stream, build_train_stream
+from vcas_bench.train.distributed import Dist, close_distributed, init_distributed
 from vcas_bench.train.glue_eval import glue_eval
-from vcas_bench.train.loop import train
+from vcas_bench.train.loop import LoopOptions, train
+from vcas_bench.train.state import (
+    Checkpointer,
+    LoopResult,
+    TrainState,
+    find_resume_checkpoint,
+    load_checkpoint,
+)
 
 
 def sampler_specs(cfg: DictConfig, conf_dir: Path | None) -> list[dict[str, Any]]:
@@ -47,67 +58,128 @@ def run(cfg: DictConfig, out_dir: Path, conf_dir: Path | None = None) -> list[di
     datasets.disable_progress_bars()  # tokenising a few thousand rows needs no bar of its own
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
+    dist, device = init_distributed(build.build_device(cfg.trainer.device))  # torchrun's env, if any
+    # Each rank may have its own Hydra run directory: all follow rank 0's (its checkpoints, resume).
+    out_dir = dist.broadcast(out_dir)
     results: list[dict[str, Any]] = []
-    for spec in sampler_specs(cfg, conf_dir):
-        metrics = run_one(cfg, spec, out_dir / spec["name"], reference=results[0] if results else None)
-        results.append(metrics)
+    try:
+        for spec in sampler_specs(cfg, conf_dir):
+            reference = results[0] if results else None
+            metrics = run_one(cfg, spec, out_dir / spec["name"], reference, device, dist)
+            results.append(metrics)
+            if "stopped_at_step" in metrics:  # trainer.stop_after: resume later with trainer.resume=auto
+                return results
+    finally:
+        if dist.world > 1:
+            close_distributed()
+    if dist.is_main:
+        _write_comparison(out_dir, results)
+    return results
+
+
+def _write_comparison(out_dir: Path, results: list[dict[str, Any]]) -> None:
     rows = comparison_rows(results)
     write_csv(out_dir / "comparison.csv", rows)
     write_json(out_dir / "comparison.json", {"rows": rows})
     table = markdown_table(rows)
     (out_dir / "comparison.md").write_text(table + "\n")
     print(table)
-    return results
 
 
 def run_one(
-    cfg: DictConfig, spec: dict[str, Any], run_dir: Path, reference: dict[str, Any] | None
+    cfg: DictConfig, spec: dict[str, Any], run_dir: Path, reference: dict[str, Any] | None,
+    device: torch.device, dist: Dist | None = None,
 ) -> dict[str, Any]:
-    """Train one sampler from scratch with the comparison's seed; write and return its metrics."""
+    """Train one sampler with the comparison's seed (or resume it); write and return its metrics.
+
+    Returns ``{"sampler": ..., "stopped_at_step": k}`` instead when ``trainer.stop_after`` ended it early.
+    Under data parallelism only rank 0 evaluates and writes.
+    """
     started = time.perf_counter()
-    settings = {k: v for k, v in spec.items() if k != "name"}
-    device = build.build_device(cfg.trainer.device)
-    torch.manual_seed(cfg.seed)  # same model init and dropout stream for every sampler of a comparison
+    dist = dist or Dist()
+    if cfg.trainer.resume == "auto" and (run_dir / "metrics.json").exists():
+        return json.loads((run_dir / "metrics.json").read_text())  # finished before: not redone
+    # Same model init and dropout stream for every sampler of a comparison; under DDP each rank its own
+    # dropout stream, and rank 0's initial weights for all.
+    torch.manual_seed(cfg.seed + dist.rank)
     bundle, data = _build_model_and_data(cfg)
     bundle.model.to(device)
-    batch_size = cfg.task.batch_size
-    total_steps, per_epoch = build.planned_steps(len(data.train), batch_size, cfg.task.epochs,
-                                                  cfg.trainer.max_steps)
-    if spec["name"].startswith("vcas") and settings.get("F") is None and cfg.task.vcas_F:
-        settings["F"] = cfg.task.vcas_F
-    sampler = create_sampler(spec["name"], seed=cfg.seed, **settings)
-    sampler.attach(bundle.model, cfg.model.block_type or bundle.block_type, total_steps)
-    optim = cfg.model.optim
-    optimizer = build.build_optimizer(bundle.model, optim.name, optim.lr, optim.weight_decay, optim.momentum)
-    scheduler = build.build_scheduler(optimizer, optim.schedule, total_steps, optim.warmup_ratio)
+    dist.broadcast_parameters(bundle.model)
+    batch_size, accumulate = cfg.task.batch_size, cfg.trainer.accumulate
+    total_steps, per_epoch = build.planned_steps(len(data.train) // dist.world, batch_size * accumulate,
+                                                  cfg.task.epochs, cfg.trainer.max_steps)
+    state = _build_state(cfg, spec, bundle, data, total_steps, device, dist)
+    sampler, optim = state.sampler, cfg.model.optim
+    checkpoint = find_resume_checkpoint(cfg.trainer.resume, run_dir, spec["name"])
+    if checkpoint is not None:
+        state.load(load_checkpoint(checkpoint), rank=dist.rank, world=dist.world)
     eval_loaders = {"": DataLoader(data.eval, batch_size=cfg.task.eval_batch_size)}
     eval_loaders.update({f"{name}_": DataLoader(ds, batch_size=cfg.task.eval_batch_size)
                          for name, ds in data.extra_eval.items()})  # e.g. MNLI mismatched
     reset_peak_memory(device)
+    options = LoopOptions(
+        total_steps=total_steps, accumulate=accumulate, max_grad_norm=optim.max_grad_norm,
+        flops_every=cfg.trainer.flops_every, progress=cfg.trainer.progress,
+        time_detail=device.type == "cpu" if cfg.trainer.time_detail is None else cfg.trainer.time_detail,
+        checkpoint_every=cfg.trainer.checkpoint_every, stop_after=cfg.trainer.stop_after,
+    )
     try:
         result = train(
-            bundle.model, sampler, build.build_loss_fn(bundle, device),
-            build.build_train_loader(data.train, batch_size, cfg.seed),
-            build.build_extra_batches(_phase_rows(data), batch_size, cfg.seed), optimizer,
-            scheduler, total_steps,
-            evaluate=lambda: build.evaluate_all(bundle, eval_loaders, device), device=device,
-            max_grad_norm=optim.max_grad_norm, flops_every=cfg.trainer.flops_every,
-            time_detail=device.type == "cpu" if cfg.trainer.time_detail is None else cfg.trainer.time_detail,
-            progress=cfg.trainer.progress,
-            on_step=_wandb_logger(cfg, spec["name"], run_dir),
+            state, build.build_loss_fn(bundle, device, cfg.trainer.precision),
+            evaluate=lambda: build.evaluate_all(bundle, eval_loaders, device) if dist.is_main else {},
+            options=options,
+            save=Checkpointer(state, run_dir, spec["name"], keep=cfg.trainer.keep_checkpoints,
+                              gather=dist.gather if dist.world > 1 else None, writer=dist.is_main),
+            on_step=_wandb_logger(cfg, spec["name"], run_dir) if dist.is_main else None, dist=dist,
         )
     finally:
         sampler.detach()
+    if result.stopped:
+        return {"sampler": spec["name"], "stopped_at_step": result.steps}
     metrics = _metrics(cfg, spec, result, device, total_steps, per_epoch, reference)
+    metrics["wall_clock_s"] = time.perf_counter() - started  # this process's share when resumed
+    metrics["resumed_from_step"] = result.resumed_from
+    metrics["world_size"] = dist.world
+    metrics["global_batch_size"] = batch_size * accumulate * dist.world
+    if not dist.is_main:
+        return metrics
     if cfg.task.glue_eval.task is not None:  # pretraining is scored by fine-tuning on GLUE
-        metrics.update(glue_eval(bundle, OmegaConf.to_container(cfg.task.glue_eval, resolve=True), cfg.seed,
-                                 device))
-    metrics["wall_clock_s"] = time.perf_counter() - started
+        glue = OmegaConf.to_container(cfg.task.glue_eval, resolve=True)
+        metrics.update(glue_eval(bundle, glue, cfg.seed, device))
     write_json(run_dir / "metrics.json", metrics)
     write_csv(run_dir / "train_log.csv", result.train_log)
     if result.phase_log:
         write_csv(run_dir / "sampler_log.csv", [_flatten(p) for p in result.phase_log])
     return metrics
+
+
+def _build_state(cfg: DictConfig, spec: dict[str, Any], bundle, data, total_steps: int,
+                 device: torch.device, dist: Dist) -> TrainState:
+    """Sampler, optimizer, schedule, data streams, meters and loss scaler of a fresh run."""
+    optim, batch_size, model = cfg.model.optim, cfg.task.batch_size, bundle.model
+    optimizer = build.build_optimizer(model, optim.name, optim.lr, optim.weight_decay, optim.momentum)
+    block_type = cfg.model.block_type or bundle.block_type
+    return TrainState(
+        model=model, sampler=_create_sampler(cfg, spec, model, block_type, total_steps, dist),
+        optimizer=optimizer,
+        scheduler=build.build_scheduler(optimizer, optim.schedule, total_steps, optim.warmup_ratio),
+        batches=build_train_stream(data.train, batch_size, cfg.seed, dist.rank, dist.world),
+        extra=build_extra_stream(_phase_rows(data), batch_size, cfg.seed, dist.rank, dist.world),
+        result=LoopResult(timer=UnitTimer(device), flops=FlopMeter(cfg.trainer.flops_every)),
+        scaler=build.build_grad_scaler(cfg.trainer.precision, device),
+    )
+
+
+def _create_sampler(cfg: DictConfig, spec: dict[str, Any], model, block_type: str, total_steps: int,
+                    dist: Dist):
+    settings = {k: v for k, v in spec.items() if k != "name"}
+    if spec["name"].startswith("vcas") and settings.get("F") is None and cfg.task.vcas_F:
+        settings["F"] = cfg.task.vcas_F
+    # Own generator per rank (independent draws); decisions shared through the reduced statistics.
+    reduce_fn = dist.mean_tensor if dist.world > 1 else None
+    sampler = create_sampler(spec["name"], seed=cfg.seed + dist.rank, reduce_fn=reduce_fn, **settings)
+    sampler.attach(model, block_type, total_steps)
+    return sampler
 
 
 def _build_model_and_data(cfg: DictConfig):
@@ -142,6 +214,7 @@ def _metrics(cfg, spec, result, device, total_steps, per_epoch, reference) -> di
     metrics = {
         "task": cfg.task.name, "model": cfg.model.name, "sampler": spec["name"], "seed": cfg.seed,
         "steps": result.steps, "steps_per_epoch": per_epoch, "batch_size": cfg.task.batch_size,
+        "accumulate": cfg.trainer.accumulate, "precision": cfg.trainer.precision,
         "sampler_settings": {k: v for k, v in spec.items() if k != "name"},
         "final_train_loss": final_train_loss([r["loss"] for r in result.train_log]),
         **{k: v for k, v in result.evals[-1].items() if k.startswith("eval_")},

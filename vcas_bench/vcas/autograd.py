@@ -154,6 +154,14 @@ class SampledLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, sampler: RowSampler, slot: LinearSlot):
+        # A custom Function is not autocast by itself: cast as autocast would for F.linear, and hand the
+        # gradients back in the inputs' own dtypes (fp32 master weights). The sampler's norms and
+        # variances are taken in float32 either way (sampling.py).
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        dtype = _autocast_dtype(x.device.type)
+        if dtype is not None:
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
         ctx.save_for_backward(x, weight)
         ctx.sampler, ctx.slot, ctx.has_bias = sampler, slot, bias is not None
         return F.linear(x, weight, bias)
@@ -178,4 +186,13 @@ class SampledLinearFunction(torch.autograd.Function):
             grad_w = ctx.sampler.weight_gradient(ctx.slot, g2, x2)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad_x = None if grad_x is None else grad_x.to(x_dtype)
+        grad_w = None if grad_w is None else grad_w.to(w_dtype)
+        grad_b = None if grad_b is None else grad_b.to(b_dtype)
         return grad_x, grad_w, grad_b, None, None
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes linears in on ``device_type``, or ``None`` when it is off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None

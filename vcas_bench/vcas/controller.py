@@ -123,8 +123,13 @@ class VcasController:
             vcas.count_step()
     """
 
-    def __init__(self, model: nn.Module, block_type: type | str, config: VcasConfig | None = None) -> None:
+    def __init__(self, model: nn.Module, block_type: type | str, config: VcasConfig | None = None,
+                 reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """``reduce_fn`` (data parallel): the mean of a 1-D float64 tensor over all ranks. Each rank then
+        estimates from its own batches and every rank takes the same decision from the averaged
+        estimates; ranks keep their own generators (seed them differently) for independent draws."""
         self.config = config or VcasConfig()
+        self.reduce_fn = reduce_fn
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.wrapped: Wrapped = wrap(model, block_type, self.generator)
         self.sampler = self.wrapped.sampler
@@ -197,6 +202,8 @@ class VcasController:
         cost = self.phase_cost()
         self.cost_units += cost
         stats = self._estimate(loss_fn, batches)
+        if self.reduce_fn is not None:
+            stats = self._reduce(stats)
         self._update(stats, step, cost)
         self.phases += 1
         self.next_phase = step + self.F_now
@@ -268,6 +275,15 @@ class VcasController:
             "p": {sign: (c / M).tolist() for sign, c in candidates.items()},
         }
 
+    def _reduce(self, est: dict[str, Any]) -> dict[str, Any]:
+        """The estimates averaged over ranks with ``reduce_fn``, in one call."""
+        n_s, n_w, n_b = len(est["V_s_layer"]), len(est["V_w_layer"]), self.sampler.num_blocks
+        flat = [*est["V_s_layer"], *est["V_w_layer"], est["V_act"], *est["p"][+1], *est["p"][-1]]
+        mean = self.reduce_fn(torch.tensor(flat, dtype=torch.float64)).tolist()
+        cut = [n_s, n_s + n_w, n_s + n_w + 1, n_s + n_w + 1 + n_b]
+        return {"V_s_layer": mean[: cut[0]], "V_w_layer": mean[cut[0] : cut[1]], "V_act": mean[cut[1]],
+                "p": {+1: mean[cut[2] : cut[3]], -1: mean[cut[3] :]}}
+
     def _pass(self, loss: torch.Tensor, weights, probes, exact: bool, retain: bool = False,
               fold: bool = False) -> list[torch.Tensor]:
         """One backward of ``loss``; returns the probed part of each weight's gradient.
@@ -327,6 +343,12 @@ class VcasController:
     def _update(self, est: dict[str, Any], step: int, cost: float) -> None:
         cfg, sampler = self.config, self.sampler
         V_s = sum(est["V_s_layer"])
+        if not all(map(math.isfinite, [V_s, est["V_act"], *est["V_w_layer"]])):
+            # An overflow (fp16 gradients) measured nothing usable: record it, change nothing.
+            self.history.append(PhaseStats(
+                step=step, s=self.s, V_s=V_s, V_act=est["V_act"], V_w=sum(est["V_w_layer"]), rho=self.rho,
+                nu=self.nu, V_s_layer=est["V_s_layer"], V_w_layer=est["V_w_layer"], cost=cost))
+            return
         direction = +1 if est["V_act"] - cfg.tau_act * V_s >= 0 else -1
         self.alpha_now = self._s_step(direction)
         self._adapt_period(direction)
