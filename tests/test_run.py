@@ -84,3 +84,14 @@ def test_loss_goes_down_on_rt_polarity(make_cfg, tmp_path):
 def test_final_train_loss_is_the_mean_of_the_tail():
     assert final_train_loss([5.0] * 5 + [1.0] * 10) == 1.0
     assert final_train_loss(list(range(2000))) == sum(range(1980, 2000)) / 20
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_evaluates_once_per_epoch_and_at_the_end(make_cfg, tmp_path, accumulate):
+    """160 rows at batch 32: 5 micro-batches an epoch. 7 steps of 1 (or 2) micro-batches cross one (or
+    two) epoch ends; each is evaluated once, right after it, and the end once more."""
+    cfg = make_cfg("task=digits", "model=vit-tiny", "sampler=exact", "baselines=[]", "trainer.max_steps=7",
+                   "task.args.train_size=160", "task.args.eval_size=64", f"trainer.accumulate={accumulate}")
+    (metrics,) = run(cfg, tmp_path)
+    steps = [e["step"] for e in metrics["evals"]]
+    assert steps == ([5, 7] if accumulate == 1 else [3, 5, 7])

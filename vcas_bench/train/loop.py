@@ -64,10 +64,12 @@ def train(
                dynamic_ncols=True)
     model.train()
     while result.steps < options.total_steps:
-        step, epoch = result.steps, batches.epoch
+        step = result.steps
         micro: list[StepStats] = []
         for index in range(options.accumulate):
             batch = batches.next()
+            if index == 0:  # the stream rolls over to the next epoch lazily, when this batch is drawn
+                epoch = batches.epoch
             phase = None
             # F counts optimizer steps: the variance phase runs once, before the step's first micro-batch.
             # It takes its gradients with autograd.grad, so a gradient accumulated in .grad is never lost.
