@@ -38,3 +38,12 @@ def make_cfg(tmp_path):
         return compose_config([*FAST, f"output_dir={tmp_path}", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: threads only add overhead (and contend on a shared 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

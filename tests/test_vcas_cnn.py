@@ -26,12 +26,7 @@ DRAWS = 300
 RHO_CNN = [0.3 + 0.07 * i for i in range(8)]  # 8 BasicBlocks, bottom-up, each below the one above
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _wrn(image_size: int = 8) -> Family:

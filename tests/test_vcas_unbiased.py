@@ -52,13 +52,7 @@ DET_SD = 1e-12  # "does not vary": sd below this times the model's largest exact
 DET_TOL = 1e-10  # tolerance for deterministic entries, same unit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: threads only add overhead (and contend on a shared 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- model families -------------------------------------------------------------------------------
