@@ -95,15 +95,15 @@ def test_nu_multiplier_approaches_beta_at_each_flip():
         assert ctrl.nu[i] == pytest.approx(0.7 / 0.85 if up else 0.7 * 0.7)
 
 
-def test_period_doubles_while_s_oscillates_and_resets_on_a_drift():
+def test_period_doubles_while_s_oscillates_and_halves_on_a_drift():
     ctrl = _controller(F=2, F_max=8, alpha_max=0.08)
     ctrl.s = 0.5
     ctrl.sampler.rho = [0.5, 0.5, 0.5]
     periods = []
-    for sign in [-1, +1, -1, +1, +1]:
+    for sign in [-1, +1, -1, +1, +1, +1, +1, -1]:
         _drive(ctrl, [sign])
         periods.append(ctrl.F_now)
-    assert periods == [2, 4, 8, 8, 2]
+    assert periods == [2, 4, 8, 8, 4, 2, 2, 4]
     assert not ctrl.should_adapt(ctrl.next_phase - 1) and ctrl.should_adapt(ctrl.next_phase)
 
 
@@ -167,6 +167,21 @@ def test_row_probes_compute_exactly_the_rows_of_the_full_weight_gradient():
         assert len(rows) == round(0.25 * g.shape[0])
         torch.testing.assert_close(part, g[rows].flatten(), rtol=1e-5, atol=1e-7)
     assert all(slot.probe_rows is None and slot.probe_grad is None for slot in ctrl.sampler.linears)
+
+
+def test_row_probe_gradient_stays_a_zero_view_under_autocast():
+    """Under bf16 autocast the probed linear computes in bf16, but the zero gradient it hands autograd
+    is created in the weight's fp32 as a view, not cast from bf16 into a full-size tensor."""
+    ctrl = _controller(_bert(0.0), variance_subset="rows", param_sample_ratio=0.25)
+    model, batch = ctrl.wrapped.model, _batches(1, seed=3)[0]
+    slot, weight = ctrl.sampler.linears[0], ctrl.wrapped.linear_weights[0]
+    slot.probe_rows = ctrl._probe_subset(weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = _loss_fn(model)(batch)
+    (grad,) = torch.autograd.grad(loss.float(), [weight])
+    assert grad.dtype == torch.float32 and grad.stride() == (0, 0) and not grad.any()
+    assert slot.probe_grad.dtype == torch.bfloat16
+    assert slot.probe_grad.shape == (len(slot.probe_rows), weight.shape[1])
 
 
 def test_row_subset_covering_everything_gives_the_entry_estimates():

@@ -188,9 +188,17 @@ class SampledLinearFunction(torch.autograd.Function):
             grad_b = g2.sum(0)
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         grad_x = None if grad_x is None else grad_x.to(x_dtype)
-        grad_w = None if grad_w is None else grad_w.to(w_dtype)
+        grad_w = None if grad_w is None else _weight_grad_in(grad_w, w_dtype, ctx.slot)
         grad_b = None if grad_b is None else grad_b.to(b_dtype)
         return grad_x, grad_w, grad_b, None, None
+
+
+def _weight_grad_in(grad_w: torch.Tensor, dtype: torch.dtype, slot: LinearSlot) -> torch.Tensor:
+    """``grad_w`` in the weight's dtype. A row-probe pass's zero view stays a view: ``.to()`` would
+    materialise a full-size zero gradient under autocast (bf16 -> fp32)."""
+    if slot.probe_grad is not None and grad_w.dtype != dtype:
+        return torch.zeros((), dtype=dtype, device=grad_w.device).expand(grad_w.shape)
+    return grad_w.to(dtype)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:

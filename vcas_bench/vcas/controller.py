@@ -65,7 +65,7 @@ class VcasConfig:
     fold_batch: bool = False  # the scheduled batch is the phase's first batch; its exact gradient is kept
     alpha_max: float | None = None  # s step starts here and halves at every sign flip, down to alpha
     beta_min: float | None = None  # per-linear nu multiplier starts here, moves halfway to beta at each flip
-    F_max: int | None = None  # adaptive period: doubles (to F_max) while s oscillates, back to F on a drift
+    F_max: int | None = None  # adaptive period: doubles (to F_max) while s oscillates, halves (to F) on a drift
 
     def __post_init__(self) -> None:
         checks = {
@@ -374,11 +374,14 @@ class VcasController:
         return max(self.config.alpha, self.alpha_now / 2) if self._flips(direction) else self.alpha_now
 
     def _adapt_period(self, direction: int) -> None:
-        """With ``F_max``: oscillating around the target, the schedule is settled, adapt less often;
-        moving the same way again, back to ``F``."""
+        """With ``F_max``: oscillating around the target, the schedule is settled, adapt half as often;
+        moving the same way again, twice as often (down to ``F``). Halving rather than resetting: one
+        same-way move is as often noise in the M-batch estimate as a drift, and a real drift keeps
+        moving the same way, so it is back at the base rate within log2(F_max / F) phases."""
         cfg = self.config
         if cfg.F_max is not None and self.direction != 0:
-            self.F_now = min(cfg.F_max, 2 * self.F_now) if self._flips(direction) else cfg.F
+            grown = min(cfg.F_max, 2 * self.F_now)
+            self.F_now = grown if self._flips(direction) else max(cfg.F, self.F_now // 2)
 
     def _nu_multiplier(self, i: int, direction: int) -> float:
         """The multiplier for linear ``i``: ``beta``, or with ``beta_min`` one that approaches it at flips."""
