@@ -13,6 +13,7 @@ A variance phase (``M = 2``: 2 exact + 4 SampleA passes) is timed once per case 
 
     python scripts/bench_backward.py                        # all cases, writes results/bench/
     python scripts/bench_backward.py --cases minilm-64 --repeats 3
+    python scripts/bench_backward.py --cases minilm-64 --grid "" --no-profile --tag phases-cpu  # phases only
 """
 
 from __future__ import annotations
@@ -183,10 +184,13 @@ def measure(pair: Pair, rho: float, nu: float, repeats: int, warmup: int, flop_d
     return row
 
 
-PHASES = {  # name -> (controller settings, straightforward backward)
+ROW_PROBES = {"variance_subset": "rows", "param_sample_ratio": 0.05}
+PHASES = {  # name -> (controller settings, straightforward backward); one option at a time, then all
     "vcas, before": ({}, True),
     "vcas": ({}, False),
-    "vcas-plus": ({"reuse_forward": True, "variance_subset": "rows", "param_sample_ratio": 0.05}, False),
+    "vcas + reuse_forward": ({"reuse_forward": True}, False),
+    "vcas + row probes": (ROW_PROBES, False),
+    "vcas-plus": ({"reuse_forward": True, **ROW_PROBES}, False),
 }
 
 
@@ -217,10 +221,11 @@ def markdown(rows: list[dict], phases: list[dict]) -> str:
     def conv(v: float | None) -> str:
         return "–" if v is None else f"{v:.2f}"
 
-    lines = ["Time↓ and conversion (= Time↓ / FLOPs↓) before → after the fast backward; forward+backward,",
-             "and with the Adam step (+opt). Peak memory: sampled / exact, allocated during the step.", "",
-             "| model | seq | ρ | ν | t exact (s) | t sampled (s) | FLOPs↓ | Time↓ | conversion "
-             "| conversion +opt | peak mem ratio |", "|" + "---|" * 11]
+    lines = [] if not rows else [
+        "Time↓ and conversion (= Time↓ / FLOPs↓) before → after the fast backward; forward+backward,",
+        "and with the Adam step (+opt). Peak memory: sampled / exact, allocated during the step.", "",
+        "| model | seq | ρ | ν | t exact (s) | t sampled (s) | FLOPs↓ | Time↓ | conversion "
+        "| conversion +opt | peak mem ratio |", "|" + "---|" * 11]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['seq'] or '–'} | {r['rho']} | {r['nu']} | {r['t_exact_s']:.3f} "
@@ -229,7 +234,9 @@ def markdown(rows: list[dict], phases: list[dict]) -> str:
             f"| {conv(r['conversion_before'])} → {conv(r['conversion'])} "
             f"| {conv(r['conversion_opt_before'])} → {conv(r['conversion_opt'])} "
             f"| {r['peak_memory_ratio_before']:.3f} → {r['peak_memory_ratio']:.3f} |")
-    lines += ["", "Variance phase (M = 2) against one exact forward+backward of the same batch:", "",
+    lines += ["", "Variance phase (M = 2) against one exact forward+backward of the same batch, each",
+              "`vcas-plus` phase-cost option alone, then together (`fold_batch` is not in a phase: it",
+              "saves the scheduled step's own backward):", "",
               "| model | phase | phase (s) | exact step (s) | phase / step: time | analytic FLOPs |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {p['model']} | {p['phase']} | {p['t_phase_s']:.3f} | {p['t_exact_s']:.3f} "
@@ -332,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cpu = device.type == "cpu"  # the op breakdown reads CPU self times
-    grid = [tuple(float(x) for x in item.split(":")) for item in args.grid.split(",")]
+    grid = [tuple(float(x) for x in item.split(":")) for item in args.grid.split(",") if item]
     rows, phases, profiles = [], [], []
     for name in args.cases.split(","):
         generator = torch.Generator().manual_seed(args.seed)
@@ -345,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
             pair.set_ratios(*grid[0])
             profiles += [{"model": name, "variant": v, "seconds": profile_step(pair, v)} for v in VARIANTS]
         phases += phase_overhead(pair, max(2, args.repeats // 2))
-        print(json.dumps(phases[-3:]), file=sys.stderr, flush=True)
+        print(json.dumps(phases[-len(PHASES):]), file=sys.stderr, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.tag or f"backward-{device.type}"

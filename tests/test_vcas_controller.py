@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from vcas_bench.vcas import VcasConfig, VcasController, find_top_sum, leverage_variance, monotone_envelope
+from vcas_bench.vcas.variance import VarianceEstimator
 from vcas_bench.vcas.wrap import SampledLinear
 
 N, T = 8, 8
@@ -255,14 +256,14 @@ def test_sampled_repeats_are_independent_and_share_dropout_masks(monkeypatch):
     assert stats.V_act == 0.0
 
     passes: list[tuple[bool, list[torch.Tensor]]] = []
-    original = VcasController._pass
+    original = VarianceEstimator._pass
 
     def spy(self, loss, weights, entries, exact, **kwargs):
         out = original(self, loss, weights, entries, exact, **kwargs)
         passes.append((exact, out))
         return out
 
-    monkeypatch.setattr(VcasController, "_pass", spy)
+    monkeypatch.setattr(VarianceEstimator, "_pass", spy)
     ctrl.sampler.rho = [0.5, 0.5, 0.5]
     ctrl.adapt(loss_fn, _batches(2, seed=5), step=1)
     assert [e for e, _ in passes] == [True, False, False] * 2

@@ -161,8 +161,8 @@ def test_row_probes_compute_exactly_the_rows_of_the_full_weight_gradient():
     model, batch = ctrl.wrapped.model, _batches(1, seed=3)[0]
     weights = ctrl.wrapped.linear_weights
     full = torch.autograd.grad(_loss_fn(model)(batch), weights)
-    probes = [ctrl._probe_subset(w) for w in weights]
-    got = ctrl._pass(_loss_fn(model)(batch), weights, probes, exact=True)
+    probes = [ctrl.variance.probe_subset(w) for w in weights]
+    got = ctrl.variance._pass(_loss_fn(model)(batch), weights, probes, exact=True)
     for g, rows, part in zip(full, probes, got):
         assert len(rows) == round(0.25 * g.shape[0])
         torch.testing.assert_close(part, g[rows].flatten(), rtol=1e-5, atol=1e-7)
@@ -175,7 +175,7 @@ def test_row_probe_gradient_stays_a_zero_view_under_autocast():
     ctrl = _controller(_bert(0.0), variance_subset="rows", param_sample_ratio=0.25)
     model, batch = ctrl.wrapped.model, _batches(1, seed=3)[0]
     slot, weight = ctrl.sampler.linears[0], ctrl.wrapped.linear_weights[0]
-    slot.probe_rows = ctrl._probe_subset(weight)
+    slot.probe_rows = ctrl.variance.probe_subset(weight)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = _loss_fn(model)(batch)
     (grad,) = torch.autograd.grad(loss.float(), [weight])

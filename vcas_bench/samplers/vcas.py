@@ -124,4 +124,4 @@ class VcasPlusSampler(VcasSampler):
         fold_batch: bool = True
         alpha_max: float | None = 0.16
         beta_min: float | None = 0.7
-        F_max_factor: int | None = 4
+        F_max_factor: int | None = 8

@@ -1,28 +1,19 @@
-"""The VCAS controller: variance phase and the s / rho / nu updates (vcas-method.md §1.5–§1.8, §0).
+"""The VCAS controller: when to adapt, and the s / rho / nu updates (vcas-method.md §1.5–§1.8, §0).
 
-Every ``F`` optimizer steps the caller hands :meth:`VcasController.adapt` ``M`` fresh batches. For
-each batch it runs one exact backward and ``M`` SampleA-only backwards with independent draws and
-the same dropout masks, estimates
+Every ``F`` optimizer steps the caller hands :meth:`VcasController.adapt` ``M`` fresh batches. Its
+:class:`~vcas_bench.vcas.variance.VarianceEstimator` runs the variance phase on them and estimates
 
 - ``V_s``   = unbiased sample variance of the exact gradients over the ``M`` batches,
 - ``V_act`` = mean squared distance of the SampleA gradients to their batch's exact gradient,
 - ``V_w,l`` = mean analytic SampleW variance (Eq. 3) of linear ``l`` at its current ``nu``,
 
-on the weights inside the blocks (the sampled linears', plus conv kernels in a CNN; optionally on a
-random subset of their entries), and then
+on the weights inside the blocks (the sampled linears', plus conv kernels in a CNN, on a random
+subset of their entries or rows); the controller then moves
 
 - ``s <- clip(s + alpha * sign(V_act - tau_act * V_s), 0, 1)``          (Eq. 5, sign(0) = +1)
 - ``rho <- ema * rho + (1 - ema) * envelope(p(s_new))``                   (Eq. 4 at the *new* s)
 - ``nu_l <- nu_l / beta`` if ``V_w,l > tau_w * V_s,l`` else ``nu_l * beta``, clamped to (0, 1].
   A model without sampled linears (a CNN: activation-only VCAS) has no ``nu`` and no ``V_w``.
-
-The phase leaves no trace on the model: buffers (BatchNorm running statistics, which every extra
-train-mode forward would update) are restored afterwards; with ``fold_batch`` to their state after
-the scheduled batch's own forward.
-
-Gradients are taken with ``torch.autograd.grad``, so ``.grad`` (and any accumulated gradient) is
-never touched. Dropout masks are replayed by restoring the global RNG *state* captured before the
-exact pass inside ``torch.random.fork_rng``; nothing is ever reseeded.
 """
 
 from __future__ import annotations
@@ -36,12 +27,11 @@ import torch
 from torch import nn
 
 from vcas_bench.vcas.flops import phase_cost_ratio, step_cost_ratio
-from vcas_bench.vcas.sampling import find_top_sum, monotone_envelope
+from vcas_bench.vcas.sampling import monotone_envelope
+from vcas_bench.vcas.variance import LossFn, VarianceEstimator
 from vcas_bench.vcas.wrap import Wrapped, unwrap, wrap
 
 __all__ = ["VcasConfig", "VcasController", "PhaseStats"]
-
-LossFn = Callable[[Any], torch.Tensor]
 
 
 @dataclass
@@ -65,7 +55,7 @@ class VcasConfig:
     fold_batch: bool = False  # the scheduled batch is the phase's first batch; its exact gradient is kept
     alpha_max: float | None = None  # s step starts here and halves at every sign flip, down to alpha
     beta_min: float | None = None  # per-linear nu multiplier starts here, moves halfway to beta at each flip
-    F_max: int | None = None  # adaptive period: doubles (to F_max) while s oscillates, halves (to F) on a drift
+    F_max: int | None = None  # adaptive period: doubles (to F_max) while s oscillates, halves on a drift
 
     def __post_init__(self) -> None:
         checks = {
@@ -129,7 +119,6 @@ class VcasController:
         estimates from its own batches and every rank takes the same decision from the averaged
         estimates; ranks keep their own generators (seed them differently) for independent draws."""
         self.config = config or VcasConfig()
-        self.reduce_fn = reduce_fn
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.wrapped: Wrapped = wrap(model, block_type, self.generator)
         self.sampler = self.wrapped.sampler
@@ -146,7 +135,7 @@ class VcasController:
         self.F_now = cfg.F
         self.next_phase = 0
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.folded: tuple[float, list[torch.Tensor]] | None = None  # (loss, gradient) of a folded batch
+        self.variance = VarianceEstimator(self.wrapped, self.config, self.generator, self.params, reduce_fn)
 
     # -- public API ----------------------------------------------------------------------------
     @property
@@ -184,8 +173,7 @@ class VcasController:
     def take_folded(self) -> tuple[float, list[torch.Tensor]] | None:
         """With ``fold_batch``: the loss and full gradient (over ``self.params``) of the last phase's
         first batch, once; the caller uses it as that step's update instead of a sampled backward."""
-        folded, self.folded = self.folded, None
-        return folded
+        return self.variance.take_folded()
 
     def analytic_flops_ratio(self) -> float:
         """Analytic FLOPs spent so far relative to exact training of the same steps (§1.11)."""
@@ -201,9 +189,8 @@ class VcasController:
             raise ValueError(f"adapt needs M={self.config.M} batches, got {len(batches)}")
         cost = self.phase_cost()
         self.cost_units += cost
-        stats = self._estimate(loss_fn, batches)
-        if self.reduce_fn is not None:
-            stats = self._reduce(stats)
+        candidates = {sign: min(max(self.s + sign * self._s_step(sign), 0.0), 1.0) for sign in (+1, -1)}
+        stats = self.variance.estimate(loss_fn, batches, candidates)
         self._update(stats, step, cost)
         self.phases += 1
         self.next_phase = step + self.F_now
@@ -228,116 +215,6 @@ class VcasController:
         self.history = [PhaseStats(**h) for h in state["history"]]
         for key in ("alpha_now", "beta_now", "nu_direction", "direction", "F_now", "next_phase"):
             setattr(self, key, state[key])
-
-    # -- variance phase ------------------------------------------------------------------------
-    def _estimate(self, loss_fn: LossFn, batches: list[Any]) -> dict[str, Any]:
-        cfg, sampler = self.config, self.sampler
-        weights = self.wrapped.variance_weights  # sampled linears first: V_s_layer[l] pairs with linear l
-        buffers = _buffer_snapshot(self.wrapped.model)
-        probes = [self._probe_subset(w) for w in weights]
-        fractions = torch.tensor([self._probe_fraction(w, p) for w, p in zip(weights, probes)],
-                                 dtype=torch.float64)
-        sum_g = sum_g2 = None
-        act_sq = torch.zeros(len(weights), dtype=torch.float64)
-        candidates = {+1: torch.zeros(sampler.num_blocks), -1: torch.zeros(sampler.num_blocks)}
-        for slot in sampler.linears:
-            slot.weight_variance = 0.0
-        for i, batch in enumerate(batches):
-            rng_before = _rng_state()
-            loss = loss_fn(batch)
-            if i == 0 and cfg.fold_batch:  # the scheduled batch's forward is a real training forward
-                buffers = _buffer_snapshot(self.wrapped.model)
-            g_exact = self._pass(loss, weights, probes, exact=True, fold=cfg.fold_batch and i == 0)
-            for sign in (+1, -1):
-                s_cand = min(max(self.s + sign * self._s_step(sign), 0.0), 1.0)
-                candidates[sign] += torch.tensor([find_top_sum(n, s_cand) for n in sampler.norms])
-            if sum_g is None:
-                sum_g, sum_g2 = [torch.zeros_like(g) for g in g_exact], [torch.zeros_like(g) for g in g_exact]
-            for g, t, t2 in zip(g_exact, sum_g, sum_g2):
-                t += g
-                t2 += g.square()
-            for j in range(cfg.M):
-                if not cfg.reuse_forward:
-                    with torch.random.fork_rng(devices=_cuda_devices(weights)):
-                        _set_rng_state(rng_before)  # same dropout masks as the exact pass
-                        loss = loss_fn(batch)
-                g_act = self._pass(loss, weights, probes, exact=False, retain=j < cfg.M - 1)
-                act_sq += torch.tensor([(a - e).square().sum().item() for a, e in zip(g_act, g_exact)],
-                                       dtype=torch.float64)
-        _restore_buffers(self.wrapped.model, buffers)
-        M = cfg.M
-        V_s_layer = [float(((t2 - t.square() / M).sum() / (M - 1)) / r)
-                     for t, t2, r in zip(sum_g, sum_g2, fractions.tolist())]
-        V_w_layer = [slot.weight_variance / M**2 for slot in sampler.linears]
-        return {
-            "V_s_layer": V_s_layer, "V_w_layer": V_w_layer,
-            "V_act": float((act_sq / fractions).sum()) / M**2,
-            "p": {sign: (c / M).tolist() for sign, c in candidates.items()},
-        }
-
-    def _reduce(self, est: dict[str, Any]) -> dict[str, Any]:
-        """The estimates averaged over ranks with ``reduce_fn``, in one call."""
-        n_s, n_w, n_b = len(est["V_s_layer"]), len(est["V_w_layer"]), self.sampler.num_blocks
-        flat = [*est["V_s_layer"], *est["V_w_layer"], est["V_act"], *est["p"][+1], *est["p"][-1]]
-        mean = self.reduce_fn(torch.tensor(flat, dtype=torch.float64)).tolist()
-        cut = [n_s, n_s + n_w, n_s + n_w + 1, n_s + n_w + 1 + n_b]
-        return {"V_s_layer": mean[: cut[0]], "V_w_layer": mean[cut[0] : cut[1]], "V_act": mean[cut[1]],
-                "p": {+1: mean[cut[2] : cut[3]], -1: mean[cut[3] :]}}
-
-    def _pass(self, loss: torch.Tensor, weights, probes, exact: bool, retain: bool = False,
-              fold: bool = False) -> list[torch.Tensor]:
-        """One backward of ``loss``; returns the probed part of each weight's gradient.
-
-        The graph is kept for the SampleA passes when they reuse the forward. With ``fold`` the exact
-        gradient of every parameter is computed and kept for :meth:`take_folded`. With row probes
-        (and no ``fold``) the sampled linears compute only the probed rows of their weight gradient;
-        other weights (conv kernels) are probed from their full gradient.
-        """
-        sampler, by_rows = self.sampler, self.config.variance_subset == "rows"
-        probe_linears = by_rows and not fold
-        saved = (sampler.sample_activations, sampler.sample_weights)
-        sampler.sample_activations, sampler.sample_weights = not exact, False
-        sampler.record_norms, sampler.record_weight_variance = exact, not exact
-        retain = retain or (exact and self.config.reuse_forward)
-        if probe_linears:
-            for slot, rows in zip(sampler.linears, probes):
-                slot.probe_rows = rows
-        try:
-            targets = self.params if fold else weights
-            grads = list(torch.autograd.grad(loss, targets, retain_graph=retain, allow_unused=fold))
-            probed = [slot.probe_grad for slot in sampler.linears] if probe_linears else []
-        finally:
-            sampler.sample_activations, sampler.sample_weights = saved
-            sampler.record_norms = sampler.record_weight_variance = False
-            for slot in sampler.linears:
-                slot.probe_rows = slot.probe_grad = None
-        if fold:
-            self.folded = (float(loss.detach()), grads)
-            by_id = {id(p): g for p, g in zip(self.params, grads)}
-            grads = [by_id[id(w)] for w in weights]
-        if not by_rows:
-            return [g.detach().flatten()[e].float() for g, e in zip(grads, probes)]
-        done = len(probed)  # the linears' probed rows; the rest are cut from full gradients
-        rest = [g.detach()[rows].flatten().float() for g, rows in zip(grads[done:], probes[done:])]
-        return [p.detach().flatten().float() for p in probed] + rest
-
-    def _probe_subset(self, weight: torch.Tensor) -> torch.Tensor:
-        """This phase's random subset: flat entry indices, or output-row indices with ``rows``."""
-        if self.config.variance_subset == "rows":
-            return self._random_subset(weight.shape[0], weight.device)
-        return self._random_subset(weight.numel(), weight.device)
-
-    def _probe_fraction(self, weight: torch.Tensor, probe: torch.Tensor) -> float:
-        """The fraction of the weight's entries a probe covers (the paper rescales by its nominal 1%)."""
-        if self.config.variance_subset == "rows":
-            return len(probe) / weight.shape[0]
-        return self.config.param_sample_ratio
-
-    def _random_subset(self, n: int, device: torch.device) -> torch.Tensor:
-        k = max(1, round(n * self.config.param_sample_ratio))
-        if k >= n:
-            return torch.arange(n, device=device)
-        return torch.randperm(n, generator=self.generator)[:k].to(device)
 
     # -- updates -------------------------------------------------------------------------------
     def _update(self, est: dict[str, Any], step: int, cost: float) -> None:
@@ -397,30 +274,3 @@ class VcasController:
         for slot in self.sampler.linears:
             per_block[slot.block].append(slot.nu)
         return per_block
-
-
-def _buffer_snapshot(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(buf, buf.detach().clone()) for buf in model.buffers()]
-
-
-def _restore_buffers(model: nn.Module, snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Undo the variance phase's forwards on buffers (BatchNorm running mean/var, batch counter)."""
-    with torch.no_grad():
-        for buf, saved in snapshot:
-            buf.copy_(saved)
-
-
-def _cuda_devices(tensors: list[torch.Tensor]) -> list[int]:
-    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
-
-
-def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    cuda_used = torch.cuda.is_available() and torch.cuda.is_initialized()
-    cuda = torch.cuda.get_rng_state_all() if cuda_used else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
