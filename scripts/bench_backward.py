@@ -184,6 +184,43 @@ def measure(pair: Pair, rho: float, nu: float, repeats: int, warmup: int, flop_d
     return row
 
 
+def forward_share(pair: Pair, repeats: int, warmup: int) -> dict:
+    """The conversion a sampled step could reach at best here: VCAS leaves the forward as it is, so if
+    the backward's time shrank exactly with its FLOPs, Time↓ / FLOPs↓ = (backward share of the exact
+    step's time) / (backward share of its FLOPs), whatever rho and nu are."""
+    def forward() -> None:
+        _loss(pair.case, pair.exact, pair.batch, pair.labels)
+
+    t_forward, t_step = [], []
+    for r in range(warmup + repeats):
+        t_f = _timed(forward, pair.device)
+        t_fb = _timed(pair.forward_backward(pair.exact), pair.device)
+        if r >= warmup:
+            t_forward.append(t_f)
+            t_step.append(t_fb)
+    pair.exact.zero_grad(set_to_none=True)
+    flops_forward, flops_step = _flops(forward), _flops(pair.forward_backward(pair.exact))
+    pair.exact.zero_grad(set_to_none=True)
+    time_share = 1 - statistics.median(t_forward) / statistics.median(t_step)
+    flops_share = 1 - flops_forward / flops_step
+    return {"model": pair.case.name, "t_forward_s": statistics.median(t_forward),
+            "t_exact_s": statistics.median(t_step), "backward_time_share": time_share,
+            "backward_flops_share": flops_share, "conversion_ceiling": time_share / flops_share}
+
+
+def ceiling_markdown(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    lines = ["", "Ceiling: VCAS does not shrink the forward, so a backward whose time fell exactly with",
+             "its FLOPs would convert at (backward share of time) / (backward share of FLOPs):", "",
+             "| model | forward (s) | forward+backward (s) | backward share: time | backward share: FLOPs "
+             "| conversion ceiling |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['t_forward_s']:.3f} | {r['t_exact_s']:.3f} "
+              f"| {r['backward_time_share']:.1%} | {r['backward_flops_share']:.1%} "
+              f"| {r['conversion_ceiling']:.2f} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 ROW_PROBES = {"variance_subset": "rows", "param_sample_ratio": 0.05}
 PHASES = {  # name -> (controller settings, straightforward backward); one option at a time, then all
     "vcas, before": ({}, True),
@@ -234,13 +271,14 @@ def markdown(rows: list[dict], phases: list[dict]) -> str:
             f"| {conv(r['conversion_before'])} → {conv(r['conversion'])} "
             f"| {conv(r['conversion_opt_before'])} → {conv(r['conversion_opt'])} "
             f"| {r['peak_memory_ratio_before']:.3f} → {r['peak_memory_ratio']:.3f} |")
-    lines += ["", "Variance phase (M = 2) against one exact forward+backward of the same batch, each",
-              "`vcas-plus` phase-cost option alone, then together (`fold_batch` is not in a phase: it",
-              "saves the scheduled step's own backward):", "",
-              "| model | phase | phase (s) | exact step (s) | phase / step: time | analytic FLOPs |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {p['model']} | {p['phase']} | {p['t_phase_s']:.3f} | {p['t_exact_s']:.3f} "
-              f"| {p['phase_over_step']:.2f} | {p['phase_flops_ratio']:.2f} |" for p in phases]
+    if phases:
+        lines += ["", "Variance phase (M = 2) against one exact forward+backward of the same batch, each",
+                  "`vcas-plus` phase-cost option alone, then together (`fold_batch` is not in a phase: it",
+                  "saves the scheduled step's own backward):", "",
+                  "| model | phase | phase (s) | exact step (s) | phase / step: time | analytic FLOPs |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {p['model']} | {p['phase']} | {p['t_phase_s']:.3f} | {p['t_exact_s']:.3f} "
+                  f"| {p['phase_over_step']:.2f} | {p['phase_flops_ratio']:.2f} |" for p in phases]
     return "\n".join(lines) + "\n"
 
 
@@ -278,6 +316,8 @@ def profile_step(pair: Pair, variant: str) -> dict[str, float]:
 
 
 def profile_markdown(profiles: list[dict]) -> str:
+    if not profiles:
+        return ""
     header = "| model | variant | " + " | ".join(CATEGORIES) + " | other |"
     lines = ["", "Where a step's time goes (profiler self time, s; first grid point, one step each):", "",
              header, "|" + "---|" * (len(CATEGORIES) + 3)]
@@ -307,6 +347,8 @@ def whole_runs(dirs: list[str]) -> list[dict]:
 
 
 def whole_run_markdown(rows: list[dict]) -> str:
+    if not rows:
+        return ""
     lines = ["", "Whole runs (optimizer and variance phases included), from `vcas-bench` comparisons:", "",
              "| run | sampler | steps | FLOPs↓ (measured) | Time↓ | conversion | phases' share of time |",
              "|---|---|---|---|---|---|---|"]
@@ -336,11 +378,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="comparison directories whose whole-run numbers join the table")
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                         help="profile one step per variant and break its time down by kind of op (CPU)")
+    parser.add_argument("--phases", action=argparse.BooleanOptionalAction, default=True,
+                        help="time a variance phase per option against an exact step")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cpu = device.type == "cpu"  # the op breakdown reads CPU self times
     grid = [tuple(float(x) for x in item.split(":")) for item in args.grid.split(",") if item]
-    rows, phases, profiles = [], [], []
+    rows, phases, profiles, ceilings = [], [], [], []
     for name in args.cases.split(","):
         generator = torch.Generator().manual_seed(args.seed)
         torch.manual_seed(args.seed)  # model init of the random-width stacks; the script owns this process
@@ -351,16 +395,20 @@ def main(argv: list[str] | None = None) -> None:
         if args.profile and cpu:
             pair.set_ratios(*grid[0])
             profiles += [{"model": name, "variant": v, "seconds": profile_step(pair, v)} for v in VARIANTS]
-        phases += phase_overhead(pair, max(2, args.repeats // 2))
-        print(json.dumps(phases[-len(PHASES):]), file=sys.stderr, flush=True)
+        ceilings.append(forward_share(pair, args.repeats, args.warmup))
+        print(json.dumps(ceilings[-1]), file=sys.stderr, flush=True)
+        if args.phases:
+            phases += phase_overhead(pair, max(2, args.repeats // 2))
+            print(json.dumps(phases[-len(PHASES):]), file=sys.stderr, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.tag or f"backward-{device.type}"
     runs = whole_runs([d for d in args.runs.split(",") if d])
     record = {"machine": machine(), "args": vars(args), "rows": rows, "phases": phases, "whole_runs": runs,
-              "profiles": profiles}
+              "profiles": profiles, "ceilings": ceilings}
     (out / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
-    table = markdown(rows, phases) + profile_markdown(profiles) + whole_run_markdown(runs)
+    table = (markdown(rows, phases) + ceiling_markdown(ceilings) + profile_markdown(profiles)
+             + whole_run_markdown(runs))
     (out / f"{stem}.md").write_text(table)
     print(table)
 
