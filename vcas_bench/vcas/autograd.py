@@ -106,18 +106,25 @@ class RowSampler:
         return grad * scale.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1))), keep
 
     # -- SampleW -------------------------------------------------------------------------------
-    def weight_gradient(self, slot: LinearSlot, grad_rows: torch.Tensor, input_rows: torch.Tensor):
-        """SampleW over flattened rows: ``grad_rows (R, out)``, ``input_rows (R, in)`` -> ``(out, in)``."""
+    def weight_gradient(self, slot: LinearSlot, grad_rows: torch.Tensor, input_rows: torch.Tensor,
+                        input_index: torch.Tensor | None = None) -> torch.Tensor:
+        """SampleW over flattened rows: ``grad_rows (R, out)``, ``input_rows (R, in)`` -> ``(out, in)``.
+        With ``input_index (R,)``, ``input_rows`` holds the paired rows at those indices."""
         k = slot.nu * grad_rows.shape[0]
+        sampled = self.sample_weights and slot.nu < 1
+        if sampled and slot.probe_rows is None and not self.record_weight_variance:
+            return leverage_sample_matmul(grad_rows, input_rows, max(k, 1.0), self.generator, input_index)
+        # Every other path reads all R input rows: gather them once.
+        inputs = input_rows if input_index is None else input_rows.index_select(0, input_index)
         if self.record_weight_variance:
-            slot.weight_variance += float(leverage_variance(grad_rows, input_rows, k))
+            slot.weight_variance += float(leverage_variance(grad_rows, inputs, k))
         if slot.probe_rows is not None:  # a variance pass reads only these rows: skip the rest of the GEMM
-            slot.probe_grad = grad_rows[:, slot.probe_rows].t() @ input_rows
-            shape = (grad_rows.shape[1], input_rows.shape[1])
+            slot.probe_grad = grad_rows[:, slot.probe_rows].t() @ inputs
+            shape = (grad_rows.shape[1], inputs.shape[1])
             return torch.zeros((), dtype=grad_rows.dtype, device=grad_rows.device).expand(shape)
-        if not self.sample_weights or slot.nu >= 1:
-            return grad_rows.t() @ input_rows
-        return leverage_sample_matmul(grad_rows, input_rows, max(k, 1.0), self.generator)
+        if not sampled:
+            return grad_rows.t() @ inputs
+        return leverage_sample_matmul(grad_rows, inputs, max(k, 1.0), self.generator)
 
 
 def nonzero_rows(grad: torch.Tensor, reference: bool = False) -> torch.Tensor | None:
@@ -126,6 +133,20 @@ def nonzero_rows(grad: torch.Tensor, reference: bool = False) -> torch.Tensor | 
     # any() reads the floats directly; ne(0) first would write a full-size boolean temporary.
     nonzero = flat.ne(0).any(dim=1) if reference else flat.any(dim=1)
     return None if bool(nonzero.all()) else nonzero.nonzero().squeeze(1)
+
+
+def _input_rows(x: torch.Tensor, rows: torch.Tensor | None, reference: bool
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The flattened input rows that pair with the kept gradient rows: a copy of the kept batch rows
+    (straightforward), or all of ``x`` with the token-row indices of the kept ones, so that SampleW
+    copies out only the rows it draws instead of a ρ-sized gather first (peak memory)."""
+    flat = x.reshape(-1, x.shape[-1])
+    if rows is None:
+        return flat, None
+    if reference:
+        return x.index_select(0, rows).reshape(-1, x.shape[-1]), None
+    tokens = flat.shape[0] // x.shape[0]  # rows of the flattened input per batch row
+    return flat, (rows.unsqueeze(1) * tokens + torch.arange(tokens, device=rows.device)).flatten()
 
 
 def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -173,7 +194,6 @@ class SampledLinearFunction(torch.autograd.Function):
         rows = nonzero_rows(grad_out, reference)
         # Skipped rows have an exactly zero gradient: slicing them away changes no number, only work.
         g = grad_out if rows is None else grad_out.index_select(0, rows)
-        xs = x if rows is None else x.index_select(0, rows)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = g @ weight
@@ -181,9 +201,9 @@ class SampledLinearFunction(torch.autograd.Function):
                 grad_x = grad_out.new_zeros(x.shape).index_copy_(0, rows, grad_x)
             elif rows is not None:
                 grad_x = _scatter_rows(grad_x, rows, x.shape)
-        g2, x2 = g.reshape(-1, g.shape[-1]), xs.reshape(-1, xs.shape[-1])
+        g2 = g.reshape(-1, g.shape[-1])
         if ctx.needs_input_grad[1]:
-            grad_w = ctx.sampler.weight_gradient(ctx.slot, g2, x2)
+            grad_w = ctx.sampler.weight_gradient(ctx.slot, g2, *_input_rows(x, rows, reference))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
         x_dtype, w_dtype, b_dtype = ctx.dtypes

@@ -121,23 +121,27 @@ def leverage_variance(a: torch.Tensor, b: torch.Tensor, k: float) -> torch.Tenso
 
 
 def leverage_sample_matmul(
-    a: torch.Tensor, b: torch.Tensor, k: float, generator: torch.Generator | None = None
+    a: torch.Tensor, b: torch.Tensor, k: float, generator: torch.Generator | None = None,
+    b_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Unbiased estimate of ``a^T b`` from about ``k`` rows drawn by leverage score.
 
     Args:
         a: ``(R, m)``, the output gradient rows.
-        b: ``(R, n)``, the input rows.
+        b: ``(R, n)``, the input rows; with ``b_rows``, ``(R', n)`` holding them at those indices.
         k: expected number of rows kept; ``k >= R`` computes the exact product.
         generator: the sampler's private generator.
+        b_rows: ``(R,)`` indices of ``b``'s rows that pair with ``a``'s, so that only the drawn rows
+            are ever copied out of ``b`` (not all ``R`` of them first).
 
     Returns:
         ``(m, n)`` estimate, ``sum over kept rows of a_i^T b_i / q_i``.
     """
     if k >= a.shape[0]:
-        return a.t() @ b
-    q = soft_topk(leverage_scores(a, b), k)
+        return a.t() @ (b if b_rows is None else b.index_select(0, b_rows))
+    b_norms = row_norms(b) if b_rows is None else row_norms(b)[b_rows]
+    q = soft_topk(row_norms(a) * b_norms, k)
     idx = bernoulli_keep(q, generator).nonzero().squeeze(1)
     scale = (1.0 / q[idx]).to(a.dtype).unsqueeze(1)
     # One copy of each side, scaled in place.
-    return a.index_select(0, idx).mul_(scale).t() @ b.index_select(0, idx)
+    return a.index_select(0, idx).mul_(scale).t() @ b.index_select(0, idx if b_rows is None else b_rows[idx])
