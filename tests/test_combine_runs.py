@@ -1,0 +1,43 @@
+"""scripts/combine_runs.py: the comparison of separate jobs, FLOPs↓ against a scaled exact run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "combine_runs", Path(__file__).resolve().parents[1] / "scripts" / "combine_runs.py")
+combine_runs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(combine_runs)
+
+SHAPES = {"task": "rt-polarity", "model": "minilm", "batch_size": 32, "accumulate": 1}
+
+
+def _write(folder: Path, sampler: str, **metrics) -> None:
+    (folder / sampler).mkdir(parents=True)
+    (folder / sampler / "metrics.json").write_text(json.dumps({"sampler": sampler, **SHAPES, **metrics}))
+
+
+def test_flops_reduction_against_an_exact_run_of_fewer_steps(tmp_path):
+    exact = tmp_path / "exact-400"
+    _write(exact, "exact", steps=400, flops_total=400 * 3.0)
+    jobs = tmp_path / "jobs"
+    _write(jobs, "vcas-plus", steps=2000, flops_total=2000 * 3.0 * 0.7, time_reduction=0.5, train_time_s=9.0)
+    _write(jobs, "vcas", steps=2000, flops_total=2000 * 3.0 * 0.8)
+    combine_runs.main([str(jobs), "--exact", str(exact / "exact" / "metrics.json")])
+    rows = json.loads((jobs / "comparison.json").read_text())["rows"]
+    assert [r["sampler"] for r in rows] == ["vcas", "vcas-plus"]
+    assert rows[0]["flops_reduction_measured"] == pytest.approx(0.2)
+    assert rows[1]["flops_reduction_measured"] == pytest.approx(0.3)
+    assert "time_reduction" not in rows[1] and "train_time_s" not in rows[1]  # jobs shared the machine
+    assert "FLOPs↓ measured" in (jobs / "comparison.md").read_text()
+
+
+def test_an_exact_run_of_other_shapes_is_refused(tmp_path):
+    _write(tmp_path / "ref", "exact", steps=10, flops_total=10.0, batch_size=16)
+    _write(tmp_path / "jobs", "vcas", steps=10, flops_total=5.0)
+    with pytest.raises(SystemExit, match="batch_size"):
+        combine_runs.main([str(tmp_path / "jobs"), "--exact", str(tmp_path / "ref/exact/metrics.json")])
