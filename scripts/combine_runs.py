@@ -26,10 +26,17 @@ ORDER = {"exact": 0, "vcas": 1}  # then the rest, by name
 
 
 def load(folder: Path) -> list[dict[str, Any]]:
-    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*/metrics.json"))]
+    """Each ``<folder>/<job>/metrics.json``; a job folder named other than its sampler (an ablation of
+    one sampler's options) labels the row ``sampler (job)``."""
+    runs = []
+    for path in sorted(folder.glob("*/metrics.json")):
+        metrics = json.loads(path.read_text())
+        job, sampler = path.parent.name, metrics["sampler"]
+        metrics["label"] = sampler if job == sampler else f"{sampler} ({job})"
+        runs.append(metrics)
     if not runs:
         raise SystemExit(f"combine_runs: no */metrics.json under {folder}")
-    return sorted(runs, key=lambda m: (ORDER.get(m["sampler"], 2), m["sampler"]))
+    return sorted(runs, key=lambda m: (ORDER.get(m["sampler"], 2), m["label"]))
 
 
 def exact_flops_per_step(runs: list[dict[str, Any]], exact_path: Path | None) -> dict[str, Any]:
@@ -51,7 +58,10 @@ def combine(runs: list[dict[str, Any]], exact: dict[str, Any]) -> list[dict[str,
             m.pop(key, None)
         if m["sampler"] != "exact":
             m["flops_reduction_measured"] = 1 - m["flops_total"] / (per_step * m["steps"])
-    return comparison_rows(runs)
+    rows = comparison_rows(runs)
+    for row, m in zip(rows, runs):
+        row["sampler"] = m["label"]
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:

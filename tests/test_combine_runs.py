@@ -36,6 +36,16 @@ def test_flops_reduction_against_an_exact_run_of_fewer_steps(tmp_path):
     assert "FLOPs↓ measured" in (jobs / "comparison.md").read_text()
 
 
+def test_job_folders_named_after_an_option_label_the_rows(tmp_path):
+    _write(tmp_path / "jobs", "vcas-plus", steps=10, flops_total=10.0)
+    (tmp_path / "jobs" / "vcas-plus").rename(tmp_path / "jobs" / "fixed-F")
+    _write(tmp_path / "jobs", "exact", steps=10, flops_total=20.0)
+    combine_runs.main([str(tmp_path / "jobs")])  # the folder's own exact run is the reference
+    rows = json.loads((tmp_path / "jobs" / "comparison.json").read_text())["rows"]
+    assert [r["sampler"] for r in rows] == ["exact", "vcas-plus (fixed-F)"]
+    assert rows[1]["flops_reduction_measured"] == pytest.approx(0.5)
+
+
 def test_an_exact_run_of_other_shapes_is_refused(tmp_path):
     _write(tmp_path / "ref", "exact", steps=10, flops_total=10.0, batch_size=16)
     _write(tmp_path / "jobs", "vcas", steps=10, flops_total=5.0)
