@@ -34,7 +34,7 @@ test-full: $(STAMP)  ## the suite including slow end-to-end runs
 tables: $(STAMP)  ## regenerate results/tables/ (paper tables 1-7 with our runs beside them) and plots
 	$(PY) scripts/make_tables.py --results results --out results/tables
 
-bench: $(STAMP)  ## exact vs sampled backward at fixed keep ratios -> results/bench/ (~25 min on 2 cores)
+bench: $(STAMP)  ## exact vs sampled backward at fixed keep ratios -> results/bench/ (~14 min on 2 cores)
 	$(PY) scripts/bench_backward.py --out results/bench
 
 lint: $(STAMP)  ## ruff
