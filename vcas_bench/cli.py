@@ -81,13 +81,20 @@ def fail(errors: list[str]) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
-    from vcas_bench.train.run import run  # heavy imports only once the config is known to be good
+    from vcas_bench.assets import MissingAsset
+    from vcas_bench.preflight import offline_errors
 
     errors = validate(cfg)
+    errors = errors or offline_errors(cfg)
     if errors:
         fail(errors)
+    from vcas_bench.train.run import run  # heavy imports only once the config is known to be good
+
     out_dir = Path(cfg.output_dir or HydraConfig.get().runtime.output_dir)
-    run(cfg, out_dir, CONF_DIR)
+    try:
+        run(cfg, out_dir, CONF_DIR)
+    except MissingAsset as err:  # found only while loading (online but unreachable, a bad local copy)
+        fail([str(err)])
 
 
 def main() -> None:

@@ -17,18 +17,23 @@ import torch
 from torch import nn
 from transformers.utils import logging as hf_logging
 
+from vcas_bench.assets import HubAsset, MissingAsset
 from vcas_bench.registry import Registry
 
 __all__ = [
-    "MLM_MODELS", "MODELS", "MODEL_MODALITIES", "ModelBundle", "create_model", "register_model",
-    "load_pretrained",
+    "MLM_MODELS", "MODELS", "MODEL_HUB_ASSETS", "MODEL_MODALITIES", "ModelBundle", "create_model",
+    "register_model", "load_pretrained",
 ]
 
-MODELS = Registry("model")
+# The factory's own parameters: `create_model(name, num_labels, mlm, **builder_args)`.
+MODELS = Registry("model", reserved=("name",))
 # name -> "text" | "image", known without building, so tasks can list compatible models in errors.
 MODEL_MODALITIES: dict[str, str] = {}
 # Text models whose builder also makes a masked-LM (`mlm=True`), for pretraining tasks such as c4.
 MLM_MODELS: set[str] = set()
+# name -> (builder args, mlm) -> the hub assets the builder would download with those args.
+HubAssets = Callable[[dict[str, Any], bool], list[HubAsset]]
+MODEL_HUB_ASSETS: dict[str, HubAssets] = {}
 
 
 @dataclass
@@ -56,7 +61,7 @@ class ModelBundle:
 
 
 def register_model(
-    name: str, modality: str, mlm: bool = False
+    name: str, modality: str, mlm: bool = False, hub_assets: HubAssets | None = None
 ) -> Callable[[Callable[..., ModelBundle]], Callable[..., ModelBundle]]:
     """Register a builder in `MODELS` and record its modality.
 
@@ -64,18 +69,21 @@ def register_model(
         name: Registry name, as used by `model=<name>` on the command line.
         modality: "text" or "image".
         mlm: The builder takes `mlm: bool` and then returns a masked-LM bundle (modality "mlm").
+        hub_assets: What the builder downloads for given args (none when everything is local).
     """
 
     def decorator(builder: Callable[..., ModelBundle]) -> Callable[..., ModelBundle]:
         MODEL_MODALITIES[name] = modality
         if mlm:
             MLM_MODELS.add(name)
+        if hub_assets is not None:
+            MODEL_HUB_ASSETS[name] = hub_assets
         return MODELS.register(name)(builder)
 
     return decorator
 
 
-def create_model(name: str, num_labels: int, mlm: bool = False, **kwargs: Any) -> ModelBundle:
+def create_model(name: str, /, num_labels: int, mlm: bool = False, **kwargs: Any) -> ModelBundle:
     """Build a registered model.
 
     Args:
@@ -87,7 +95,11 @@ def create_model(name: str, num_labels: int, mlm: bool = False, **kwargs: Any) -
     Raises:
         KeyError: Unknown name; the message lists the valid names.
         ValueError: `mlm` for a model without a masked-LM variant.
+        TypeError: `kwargs` names an argument the factory sets (`name`).
     """
+    if clashes := sorted(set(kwargs) & {"name"}):
+        raise TypeError(f"model {name!r}: builder arguments may not be named {', '.join(clashes)} "
+                        "(the registry name); e.g. a hub checkpoint is model.args.checkpoint")
     if not mlm:
         return MODELS.create(name, num_labels=num_labels, **kwargs)
     MODELS.get(name)
@@ -114,30 +126,36 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+CHECKPOINT_FOLDER = "a local checkpoint folder (config.json, weights, tokenizer files)"
+
+
+def checkpoint_asset(checkpoint: str, files: tuple[str, ...] = ("config.json",)) -> HubAsset:
+    """A transformers checkpoint on the hub, replaced by `model.args.path`."""
+    return HubAsset(f"checkpoint {checkpoint!r}", checkpoint, "model",
+                    f"model.args.path=<{CHECKPOINT_FOLDER}>", files)
+
+
 def load_pretrained(cls: Any, checkpoint: str, path: str | None, **kwargs: Any) -> Any:
     """`cls.from_pretrained` from `path` (a local dir) or the hub name, with one clear error offline.
 
     Args:
-        cls: A transformers class with `from_pretrained` (model or tokenizer).
+        cls: A transformers class with `from_pretrained` (model, config or tokenizer).
         checkpoint: Hub name, e.g. "bert-base-uncased"; named in the error.
         path: Local directory that overrides `checkpoint`, or None.
         **kwargs: Passed to `from_pretrained` (e.g. `num_labels`, config overrides).
 
     Raises:
-        FileNotFoundError: `path` is not a directory, or the checkpoint is neither cached nor downloadable.
+        MissingAsset: `path` is not a directory, or the checkpoint is neither cached nor downloadable.
     """
-    how = "download it once while online, or point at a local copy with model.path=/local/dir"
     if path is not None and not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"model.path={path!r} is not a directory; expected a local copy of {checkpoint}"
-        )
+        raise MissingAsset(f"model.args.path={path!r} is not a directory; expected a local copy of {checkpoint}")
     try:
         with _quiet_transformers():
             return cls.from_pretrained(path or checkpoint, **kwargs)
     except OSError as err:  # transformers raises OSError for "not cached and offline"
-        raise FileNotFoundError(
-            f"cannot load checkpoint {checkpoint!r} (not cached, no network): {how}"
-        ) from err
+        where = f"{path!r} holds no loadable copy of it" if path else "not cached, no network"
+        raise MissingAsset(f"cannot load checkpoint {checkpoint!r} ({where}): download it once while "
+                           f"online, or set model.args.path=<{CHECKPOINT_FOLDER}>") from err
 
 
 # Imported last so the builders can use the names above while registering.

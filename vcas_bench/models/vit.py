@@ -1,7 +1,7 @@
 """Vision Transformer classifiers (Dosovitskiy et al., 2021) from transformers and timm.
 
 VCAS fine-tunes ImageNet-21k ViT-base/large on image classification (VCAS paper, Table 1). `vit-base` and
-`vit-large` load either the transformers checkpoints (`backend="hf"`, blocks `ViTLayer`) or timm's
+`vit-large` load either the transformers checkpoints (`backend="hf"`, `checkpoint`, blocks `ViTLayer`) or timm's
 (`backend="timm"`, e.g. `vit_base_patch16_224.augreg_in21k`, blocks `Block`); both are ImageNet-21k
 ViT-B/16 and ViT-L/16 at 224x224 with mean = std = 0.5 inputs, the paper does not say which it used. The
 tiny variants are random 2-layer ViTs on 32x32 inputs for tests: `vit-tiny` is the transformers model
@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
 
-from vcas_bench.models import ModelBundle, load_pretrained, register_model
+from vcas_bench.assets import HubAsset, MissingAsset
+from vcas_bench.models import ModelBundle, checkpoint_asset, load_pretrained, register_model
 
 __all__ = ["timm_vit_tiny", "vit_base", "vit_large", "vit_tiny"]
 
@@ -75,10 +76,23 @@ def _timm_weights_file(path: str, timm_name: str) -> str:
             return found[0]
     elif os.path.isfile(path):
         return path
-    raise FileNotFoundError(
+    raise MissingAsset(
         f"model.args.path={path!r} is neither a weights file nor a folder with one of "
         f"{', '.join(WEIGHT_FILES)}; expected a local copy of timm's {timm_name}"
     )
+
+
+TIMM_OVERRIDE = "model.args.path=<local model.safetensors, or a folder holding it>"
+
+
+def _vit_hub_assets(args: dict, mlm: bool) -> list[HubAsset]:
+    """hf: the transformers checkpoint; timm: timm's weights file on the hub (`timm/<timm_name>`)."""
+    if args.get("path") is not None:
+        return []
+    if args.get("backend", "hf") == "timm":
+        name = args["timm_name"]
+        return [HubAsset(f"timm checkpoint {name!r}", f"timm/{name}", "model", TIMM_OVERRIDE, WEIGHT_FILES)]
+    return [checkpoint_asset(args["checkpoint"])]
 
 
 def _create_timm_vit(timm_name: str, num_labels: int, path: str | None, **kwargs: Any) -> ModelBundle:
@@ -95,48 +109,48 @@ def _create_timm_vit(timm_name: str, num_labels: int, path: str | None, **kwargs
         model = timm.create_model(timm_name, pretrained=True, num_classes=num_labels,
                                   pretrained_cfg_overlay=overlay, **kwargs)
     except OSError as err:  # huggingface_hub's LocalEntryNotFoundError when offline and not cached
-        raise FileNotFoundError(
+        raise MissingAsset(
             f"cannot load timm checkpoint {timm_name!r} (not cached, no network): download it once while "
-            "online, or point at a local weights file with model.args.path=/local/model.safetensors"
+            f"online, or set {TIMM_OVERRIDE}"
         ) from err
     size, channels = model.patch_embed.img_size[0], model.patch_embed.proj.in_channels
     return ModelBundle(model, "Block", "image", timm_image_logits, image_size=size, num_channels=channels)
 
 
 def _create_pretrained_vit(
-    backend: str, name: str, timm_name: str, num_labels: int, path: str | None
+    backend: str, checkpoint: str, timm_name: str, num_labels: int, path: str | None
 ) -> ModelBundle:
     if backend == "timm":
         return _create_timm_vit(timm_name, num_labels, path)
     if backend != "hf":
         raise ValueError(f"model.args.backend={backend!r}; valid: hf, timm")
-    return _create_hf_vit(load_pretrained(ViTForImageClassification, name, path, num_labels=num_labels))
+    return _create_hf_vit(load_pretrained(ViTForImageClassification, checkpoint, path, num_labels=num_labels))
 
 
-@register_model("vit-base", "image")
+@register_model("vit-base", "image", hub_assets=_vit_hub_assets)
 def vit_base(
     num_labels: int,
-    name: str = "google/vit-base-patch16-224-in21k",
+    checkpoint: str = "google/vit-base-patch16-224-in21k",
     path: str | None = None,
     backend: str = "hf",
     timm_name: str = "vit_base_patch16_224.augreg_in21k",
 ) -> ModelBundle:
-    """Pretrained ViT-B/16 (ImageNet-21k, 224x224) with a fresh head, from transformers (`name`) or timm
+    """Pretrained ViT-B/16 (ImageNet-21k, 224x224) with a fresh head, from transformers (`checkpoint`) or timm
     (`timm_name`); `path` is a local copy (a checkpoint folder for hf, a weights file or folder for timm)."""
-    return _create_pretrained_vit(backend, name, timm_name, num_labels, path)
+    return _create_pretrained_vit(backend, checkpoint, timm_name, num_labels, path)
 
 
-@register_model("vit-large", "image")
+@register_model("vit-large", "image", hub_assets=_vit_hub_assets)
 def vit_large(
     num_labels: int,
-    name: str = "google/vit-large-patch16-224-in21k",
+    checkpoint: str = "google/vit-large-patch16-224-in21k",
     path: str | None = None,
     backend: str = "hf",
     timm_name: str = "vit_large_patch16_224.augreg_in21k",
 ) -> ModelBundle:
-    """Pretrained ViT-L/16 (ImageNet-21k, 224x224) with a fresh head, from transformers (`name`) or timm
+    """Pretrained ViT-L/16 (ImageNet-21k, 224x224) with a fresh head, from transformers (`checkpoint`) or timm
     (`timm_name`); `path` is a local copy (a checkpoint folder for hf, a weights file or folder for timm)."""
-    return _create_pretrained_vit(backend, name, timm_name, num_labels, path)
+    return _create_pretrained_vit(backend, checkpoint, timm_name, num_labels, path)
 
 
 @register_model("timm-vit-tiny", "image")

@@ -19,11 +19,13 @@ import datasets
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from vcas_bench.assets import HubAsset, MissingAsset
 from vcas_bench.models import MLM_MODELS, MODEL_MODALITIES, ModelBundle
 from vcas_bench.registry import Registry
 
 __all__ = [
     "TASKS",
+    "TASK_HUB_ASSETS",
     "TASK_MODALITIES",
     "TaskData",
     "cap_indices",
@@ -34,9 +36,12 @@ __all__ = [
     "package_file",
 ]
 
-TASKS = Registry("task")
+# The factory's own parameters: `create_task(name, bundle, model_name, **builder_args)`.
+TASKS = Registry("task", reserved=("name", "bundle", "model_name"))
 # name -> "text" | "image" | "mlm", known before any data loads so a bad task/model pair fails first.
 TASK_MODALITIES: dict[str, str] = {}
+# name -> builder args -> the hub datasets the builder would download with those args.
+TASK_HUB_ASSETS: dict[str, Callable[[dict[str, Any]], list[HubAsset]]] = {}
 
 SPLIT_SEED = 0  # fixed: the eval set must not move with the training seed
 EVAL_FRACTION = 0.2
@@ -68,22 +73,27 @@ class TaskData:
     phase_train: datasets.Dataset | None = None
 
 
-def register_task(name: str, modality: str) -> Callable[[Callable[..., TaskData]], Callable[..., TaskData]]:
+def register_task(
+    name: str, modality: str, hub_asset: HubAsset | None = None
+) -> Callable[[Callable[..., TaskData]], Callable[..., TaskData]]:
     """Register a builder in `TASKS` and record its modality.
 
     Args:
         name: Registry name, as used by `task=<name>` on the command line.
         modality: "text", "image" or "mlm" (masked-LM pretraining; the builder takes a tokenizer).
+        hub_asset: The hub dataset the builder downloads when `data_dir` is null (None: ships locally).
     """
 
     def decorator(builder: Callable[..., TaskData]) -> Callable[..., TaskData]:
         TASK_MODALITIES[name] = modality
+        if hub_asset is not None:
+            TASK_HUB_ASSETS[name] = lambda args: [] if args.get("data_dir") is not None else [hub_asset]
         return TASKS.register(name)(builder)
 
     return decorator
 
 
-def create_task(name: str, bundle: ModelBundle, model_name: str | None = None, **kwargs: Any) -> TaskData:
+def create_task(name: str, bundle: ModelBundle, /, model_name: str | None = None, **kwargs: Any) -> TaskData:
     """Build a registered task shaped for `bundle` (its tokenizer, or its image size and channels).
 
     Args:
@@ -146,7 +156,7 @@ def package_file(package: str, relative: str, data_dir: str | None, install_hint
     Uses `find_spec` so the (sometimes heavy) package is never imported.
 
     Raises:
-        FileNotFoundError: The file is missing; the message says how to provide it.
+        MissingAsset: The file is missing; the message says how to provide it.
     """
     if data_dir is not None:
         path = os.path.join(data_dir, os.path.basename(relative))
@@ -155,9 +165,9 @@ def package_file(package: str, relative: str, data_dir: str | None, install_hint
         locations = spec.submodule_search_locations if spec is not None else None
         path = os.path.join(locations[0], relative) if locations else None
     if path is None or not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise MissingAsset(
             f"{os.path.basename(relative)} not found (looked in {path!r}): {install_hint}, "
-            f"or set task.data_dir=/dir/containing/the/file"
+            f"or set task.args.data_dir=<folder containing the file>"
         )
     return path
 

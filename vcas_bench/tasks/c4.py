@@ -30,6 +30,7 @@ import datasets
 import numpy as np
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
+from vcas_bench.assets import HubAsset, MissingAsset
 from vcas_bench.tasks import EVAL_FRACTION, SPLIT_SEED, TaskData, register_task
 
 __all__ = ["HUB_NAME", "c4", "mask_transform", "read_texts", "token_blocks"]
@@ -110,7 +111,7 @@ def _local_blocks(
         {p for pattern in PATTERNS for p in glob.glob(os.path.join(data_dir, "**", pattern), recursive=True)}
     )
     if not paths:
-        raise FileNotFoundError(
+        raise MissingAsset(
             f"c4: no JSON-lines files ({', '.join(PATTERNS)}) under {data_dir!r}; "
             f'task.args.data_dir must hold C4-style files with one {{"text": ...}} per line'
         )
@@ -133,10 +134,9 @@ def _hub_blocks(
     try:
         stream = datasets.load_dataset(HUB_NAME, "en", streaming=True)
     except (OSError, datasets.exceptions.DatasetsError) as err:  # offline, or hub errors
-        raise FileNotFoundError(
-            f"C4 {HUB_NAME!r} is not available offline (it streams from the hub); run online, or point "
-            f"task.args.data_dir at a folder of C4-style JSON-lines files ({', '.join(PATTERNS)}, "
-            'field "text")'
+        raise MissingAsset(
+            f"C4 {HUB_NAME!r} is not available offline (it streams from the hub); run online, or set "
+            f"{HUB_ASSET.override}"
         ) from err
     if train_size is None or eval_size is None:
         raise ValueError("c4 streams from the hub: set task.args.train_size and task.args.eval_size (blocks)")
@@ -147,7 +147,14 @@ def _hub_blocks(
     )
 
 
-@register_task("c4", "mlm")
+HUB_ASSET = HubAsset(
+    f"C4 ({HUB_NAME}, streamed)", HUB_NAME, "dataset",
+    f'task.args.data_dir=<folder of C4 JSON-lines files ({", ".join(PATTERNS)}), field "text">',
+    streamed=True,
+)
+
+
+@register_task("c4", "mlm", HUB_ASSET)
 def c4(
     tokenizer: PreTrainedTokenizerBase,
     seed: int = 0,

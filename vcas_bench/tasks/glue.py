@@ -24,10 +24,11 @@ import datasets
 import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
+from vcas_bench.assets import HubAsset, MissingAsset
 from vcas_bench.tasks import SPLIT_SEED, TaskData, cap_indices, register_task
 from vcas_bench.tasks.text import tokenize
 
-__all__ = ["HUB_NAME", "SPECS", "load_split", "mnli", "qnli", "qqp", "sst2"]
+__all__ = ["HUB_NAME", "SPECS", "hub_asset", "load_split", "mnli", "qnli", "qqp", "sst2"]
 
 HUB_NAME = "nyu-mll/glue"
 
@@ -80,6 +81,12 @@ def _expected_files(config: str) -> str:
     return f"{tsv} (or {parquet})"
 
 
+def hub_asset(config: str, override: str = "task.args.data_dir") -> HubAsset:
+    """GLUE task `config` on the hub, replaced by a local folder at `override`."""
+    return HubAsset(f"GLUE {config!r} ({HUB_NAME})", HUB_NAME, "dataset",
+                    f"{override}=<folder with {_expected_files(config)}>")
+
+
 def _read_tsv(path: str, spec: GlueSpec) -> pd.DataFrame:
     """An original GLUE TSV as a frame with the hub's column names and integer labels."""
     # QUOTE_NONE: GLUE's TSVs are unquoted and their sentences contain bare quote characters.
@@ -116,7 +123,7 @@ def load_split(config: str, split: str, data_dir: str) -> pd.DataFrame:
     elif os.path.isfile(tsv):
         frame = _read_tsv(tsv, spec)
     else:
-        raise FileNotFoundError(
+        raise MissingAsset(
             f"GLUE {config!r}: neither {_tsv_name(split)} nor {split}.parquet is in {data_dir!r}; "
             f"task.args.data_dir must hold {_expected_files(config)}"
         )
@@ -136,10 +143,9 @@ def _load(config: str, data_dir: str | None) -> dict[str, datasets.Dataset]:
     try:
         loaded = datasets.load_dataset(HUB_NAME, config)
     except (OSError, datasets.exceptions.DatasetsError) as err:  # offline and not cached, or hub errors
-        raise FileNotFoundError(
+        raise MissingAsset(
             f"GLUE {config!r} is not available offline (not in the HF cache); download it once online "
-            f'(datasets.load_dataset("{HUB_NAME}", "{config}")) or point task.args.data_dir at a folder '
-            f"with {_expected_files(config)}"
+            f'(datasets.load_dataset("{HUB_NAME}", "{config}")) or set {hub_asset(config).override}'
         ) from err
     return {
         s: loaded[s].rename_column("label", "labels").select_columns([*spec.text_columns, "labels"])
@@ -176,7 +182,7 @@ def _glue(
     return TaskData(train, evals[eval_split], spec.num_labels, "text", extra_eval=extra)
 
 
-@register_task("sst2", "text")
+@register_task("sst2", "text", hub_asset("sst2"))
 def sst2(
     tokenizer: PreTrainedTokenizerBase,
     seed: int = 0,
@@ -189,7 +195,7 @@ def sst2(
     return _glue("sst2", tokenizer, seed, max_length, train_size, eval_size, data_dir)
 
 
-@register_task("mnli", "text")
+@register_task("mnli", "text", hub_asset("mnli"))
 def mnli(
     tokenizer: PreTrainedTokenizerBase,
     seed: int = 0,
@@ -212,7 +218,7 @@ def mnli(
     )
 
 
-@register_task("qqp", "text")
+@register_task("qqp", "text", hub_asset("qqp"))
 def qqp(
     tokenizer: PreTrainedTokenizerBase,
     seed: int = 0,
@@ -225,7 +231,7 @@ def qqp(
     return _glue("qqp", tokenizer, seed, max_length, train_size, eval_size, data_dir)
 
 
-@register_task("qnli", "text")
+@register_task("qnli", "text", hub_asset("qnli"))
 def qnli(
     tokenizer: PreTrainedTokenizerBase,
     seed: int = 0,

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vcas_bench.assets import HubAsset, MissingAsset
 from vcas_bench.tasks import SPLIT_SEED, TaskData, cap_indices, register_task
 from vcas_bench.tasks.images import MEAN, STD
 
@@ -47,6 +48,13 @@ SPECS = {
     "cifar100": ImageSpec("uoft-cs/cifar100", "img", "fine_label", "test", "test", 100),
     "imagenet": ImageSpec("ILSVRC/imagenet-1k", "image", "label", "validation", "val", 1000),
 }
+
+
+def hub_asset(name: str) -> HubAsset:
+    """Image task `name` on the hub, replaced by a local ImageFolder at task.args.data_dir."""
+    spec = SPECS[name]
+    layout = f"an ImageFolder root with train/<class>/ and {spec.folder_eval}/<class>/"
+    return HubAsset(f"{name} ({spec.hub_name})", spec.hub_name, "dataset", f"task.args.data_dir=<{layout}>")
 
 
 def pixel_transform(image_size: int, num_channels: int):
@@ -115,7 +123,7 @@ def _load_folder(name: str, data_dir: str) -> tuple[datasets.Dataset, datasets.D
         eval_ = image_folder(data_dir, spec.folder_eval, train.features["labels"].names)
     except FileNotFoundError as err:
         message = f"{name}: {err}; task.args.data_dir must be an ImageFolder root ({layout})"
-        raise FileNotFoundError(message) from None
+        raise MissingAsset(message) from None
     classes = train.features["labels"].num_classes
     if classes != spec.num_labels:
         raise ValueError(f"{name} has {spec.num_labels} classes but {data_dir!r} has {classes} in train/")
@@ -128,10 +136,9 @@ def _load_hub(name: str) -> tuple[datasets.Dataset, datasets.Dataset]:
         loaded = datasets.load_dataset(spec.hub_name, split=["train", spec.hub_eval])
     except (OSError, datasets.exceptions.DatasetsError) as err:  # offline and not cached, gated, hub errors
         gated = "; it is gated: accept its terms on the hub and log in first" if name == "imagenet" else ""
-        raise FileNotFoundError(
+        raise MissingAsset(
             f"{name} is not available offline (not in the HF cache); download it once online "
-            f'(datasets.load_dataset("{spec.hub_name}"){gated}) or point task.args.data_dir at an '
-            f"ImageFolder root with train/<class>/ and {spec.folder_eval}/<class>/ image folders"
+            f'(datasets.load_dataset("{spec.hub_name}"){gated}) or set {hub_asset(name).override}'
         ) from err
     renames = {spec.image_column: "image", spec.label_column: "labels"}
     train, eval_ = (split.select_columns(list(renames)).rename_columns(renames) for split in loaded)
@@ -156,7 +163,7 @@ def _image_task(
     return TaskData(splits[0], splits[1], SPECS[name].num_labels, "image")
 
 
-@register_task("cifar10", "image")
+@register_task("cifar10", "image", hub_asset("cifar10"))
 def cifar10(
     image_size: int,
     num_channels: int,
@@ -169,7 +176,7 @@ def cifar10(
     return _image_task("cifar10", image_size, num_channels, seed, train_size, eval_size, data_dir)
 
 
-@register_task("cifar100", "image")
+@register_task("cifar100", "image", hub_asset("cifar100"))
 def cifar100(
     image_size: int,
     num_channels: int,
@@ -182,7 +189,7 @@ def cifar100(
     return _image_task("cifar100", image_size, num_channels, seed, train_size, eval_size, data_dir)
 
 
-@register_task("imagenet", "image")
+@register_task("imagenet", "image", hub_asset("imagenet"))
 def imagenet(
     image_size: int,
     num_channels: int,

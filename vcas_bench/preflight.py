@@ -1,0 +1,37 @@
+"""Checks of a valid config against this machine before anything is built: hub assets reachable offline.
+
+A paper task or pretrained model with no local path needs the hub. Offline (``HF_HUB_OFFLINE=1``, as
+the Makefile and the tests set it) every such asset that is not in the HF cache is named in one line,
+with the override that points at a local copy, before any model or data is built.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from vcas_bench.assets import HubAsset, hub_is_offline, missing_assets_line
+from vcas_bench.models import MODEL_HUB_ASSETS
+from vcas_bench.tasks import TASK_HUB_ASSETS, TASK_MODALITIES, glue
+
+__all__ = ["hub_assets", "offline_errors"]
+
+
+def hub_assets(cfg: DictConfig) -> list[HubAsset]:
+    """Every hub checkpoint and dataset that running ``cfg`` would download."""
+    model_args = OmegaConf.to_container(cfg.model.args, resolve=True)
+    task_args = OmegaConf.to_container(cfg.task.args, resolve=True)
+    mlm = TASK_MODALITIES.get(cfg.task.name) == "mlm"
+    assets = MODEL_HUB_ASSETS[cfg.model.name](model_args, mlm) if cfg.model.name in MODEL_HUB_ASSETS else []
+    assets += TASK_HUB_ASSETS[cfg.task.name](task_args) if cfg.task.name in TASK_HUB_ASSETS else []
+    finetune = cfg.task.glue_eval
+    if finetune.task is not None and finetune.data_dir is None:
+        assets.append(glue.hub_asset(finetune.task, override="task.glue_eval.data_dir"))
+    return assets
+
+
+def offline_errors(cfg: DictConfig) -> list[str]:
+    """One line naming the hub assets ``cfg`` needs that cannot be had offline (empty when online)."""
+    if not hub_is_offline():
+        return []
+    line = missing_assets_line(hub_assets(cfg))
+    return [line] if line else []
