@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from vcas_bench.assets import MissingAsset  # noqa: E402
 from vcas_bench.models import MODEL_MODALITIES, MODELS, ModelBundle, create_model  # noqa: E402
 
 OFFLINE_MODELS = ["minilm", "bert-tiny", "vit-tiny", "timm-vit-tiny", "wrn18-tiny"]
@@ -105,13 +106,13 @@ def test_dropout_override() -> None:
 def test_hub_models_fail_clearly_offline(name: str) -> None:
     if not huggingface_hub.constants.HF_HUB_OFFLINE:
         pytest.skip("HF_HUB_OFFLINE is off: building would download a large checkpoint")
-    with pytest.raises(FileNotFoundError, match="model.path"):
+    with pytest.raises(MissingAsset, match=r"model\.args\.path"):
         create_model(name, num_labels=2)
 
 
 @pytest.mark.parametrize("name", ["minilm", "bert-base", "vit-large"])
 def test_missing_local_path_fails_clearly(name: str, tmp_path: os.PathLike) -> None:
-    with pytest.raises(FileNotFoundError, match="model.path"):
+    with pytest.raises(MissingAsset, match=r"model\.args\.path"):
         create_model(name, num_labels=2, path=str(tmp_path / "absent"))
 
 

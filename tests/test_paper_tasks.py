@@ -21,6 +21,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
+from vcas_bench.assets import MissingAsset
 from vcas_bench.config import validate
 from vcas_bench.models import ModelBundle, create_model
 from vcas_bench.tasks import TASK_MODALITIES, TASKS, TaskData, create_task, glue, vision
@@ -350,7 +351,7 @@ def test_c4_streams_a_finite_set(bundles, monkeypatch: pytest.MonkeyPatch) -> No
 
 @pytest.mark.parametrize("name", NEW_TASKS)
 def test_no_data_dir_offline_is_one_clear_line(name: str, bundles) -> None:
-    with pytest.raises(FileNotFoundError, match=r"task\.args\.data_dir") as raised:
+    with pytest.raises(MissingAsset, match=r"task\.args\.data_dir") as raised:
         if TASK_MODALITIES[name] == "mlm":
             TASKS.create(name, tokenizer=bundles["text"].tokenizer)
         else:
@@ -360,7 +361,7 @@ def test_no_data_dir_offline_is_one_clear_line(name: str, bundles) -> None:
 
 @pytest.mark.parametrize("name", ["sst2", "mnli", "cifar10", "c4"])
 def test_empty_data_dir_names_the_files(name: str, bundles, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"task\.args\.data_dir"):
+    with pytest.raises(MissingAsset, match=r"task\.args\.data_dir"):
         if name == "c4":
             _c4(bundles, tmp_path)
         else:

@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from vcas_bench.assets import MissingAsset  # noqa: E402
 from vcas_bench.models import ModelBundle, create_model  # noqa: E402
 from vcas_bench.tasks import TASK_MODALITIES, TASKS, TaskData, create_task  # noqa: E402
 from vcas_bench.tasks import rt_polarity as rt  # noqa: E402
@@ -118,7 +119,7 @@ def test_modality_mismatch_is_one_clear_line(bundles: dict[str, ModelBundle]) ->
 def test_unknown_task_and_missing_data(bundles: dict[str, ModelBundle], tmp_path: os.PathLike) -> None:
     with pytest.raises(KeyError, match="valid tasks: c4, cifar10, .*digits, .*rt-polarity, sst2"):
         create_task("nope", bundles["text"])
-    with pytest.raises(FileNotFoundError, match="task.data_dir"):
+    with pytest.raises(MissingAsset, match=r"task\.args\.data_dir"):
         create_task("rt-polarity", bundles["text"], data_dir=str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="task.data_dir"):
+    with pytest.raises(MissingAsset, match=r"task\.args\.data_dir"):
         create_task("mnist5k", bundles["image"], data_dir=str(tmp_path))

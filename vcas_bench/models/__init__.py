@@ -148,7 +148,9 @@ def load_pretrained(cls: Any, checkpoint: str, path: str | None, **kwargs: Any) 
         MissingAsset: `path` is not a directory, or the checkpoint is neither cached nor downloadable.
     """
     if path is not None and not os.path.isdir(path):
-        raise MissingAsset(f"model.args.path={path!r} is not a directory; expected a local copy of {checkpoint}")
+        raise MissingAsset(
+            f"model.args.path={path!r} is not a directory; expected a local copy of {checkpoint}"
+        )
     try:
         with _quiet_transformers():
             return cls.from_pretrained(path or checkpoint, **kwargs)

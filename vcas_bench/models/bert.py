@@ -7,8 +7,8 @@ BERT for tests. Each variant wraps `BertLayer` blocks.
 With `mlm=True` (masked-LM pretraining tasks such as c4) `bert-base`, `bert-large` and `bert-tiny` build a
 `BertForMaskedLM`, random init, as the paper pretrains BERT-base from scratch on C4 (Table 1; its crammed
 architecture is not stated, so this is the original BERT layout): the checkpoint's config (the layout)
-and tokenizer are loaded, its weights are not. :func:`classifier_from_mlm` turns such a model into a sequence classifier sharing its encoder
-weights, for the GLUE evaluation after pretraining.
+and tokenizer are loaded, its weights are not. :func:`classifier_from_mlm` turns such a model into a
+sequence classifier sharing its encoder weights, for the GLUE evaluation after pretraining.
 """
 
 from __future__ import annotations
@@ -18,7 +18,13 @@ import os
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, BertConfig, BertForMaskedLM, BertForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+)
 
 from vcas_bench.assets import HubAsset, MissingAsset
 from vcas_bench.models import ModelBundle, checkpoint_asset, load_pretrained, register_model

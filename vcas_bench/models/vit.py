@@ -1,8 +1,8 @@
 """Vision Transformer classifiers (Dosovitskiy et al., 2021) from transformers and timm.
 
 VCAS fine-tunes ImageNet-21k ViT-base/large on image classification (VCAS paper, Table 1). `vit-base` and
-`vit-large` load either the transformers checkpoints (`backend="hf"`, `checkpoint`, blocks `ViTLayer`) or timm's
-(`backend="timm"`, e.g. `vit_base_patch16_224.augreg_in21k`, blocks `Block`); both are ImageNet-21k
+`vit-large` load either the transformers checkpoints (`backend="hf"`, `checkpoint`, blocks `ViTLayer`) or
+timm's (`backend="timm"`, e.g. `vit_base_patch16_224.augreg_in21k`, blocks `Block`); both are ImageNet-21k
 ViT-B/16 and ViT-L/16 at 224x224 with mean = std = 0.5 inputs, the paper does not say which it used. The
 tiny variants are random 2-layer ViTs on 32x32 inputs for tests: `vit-tiny` is the transformers model
 (blocks `ViTLayer`), `timm-vit-tiny` the timm one (blocks `Block`, which return a plain tensor).

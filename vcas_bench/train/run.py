@@ -187,7 +187,7 @@ def _build_model_and_data(cfg: DictConfig):
     model_args = OmegaConf.to_container(cfg.model.args, resolve=True)
     mlm = TASK_MODALITIES.get(cfg.task.name) == "mlm"  # pretraining: the model's masked-LM variant
     bundle = create_model(cfg.model.name, num_labels=cfg.task.num_labels, mlm=mlm, **model_args)
-    data = create_task(cfg.task.name, bundle=bundle, model_name=cfg.model.name, seed=cfg.seed, **task_args)
+    data = create_task(cfg.task.name, bundle, model_name=cfg.model.name, seed=cfg.seed, **task_args)
     if data.num_labels != cfg.task.num_labels:
         raise ValueError(f"task {cfg.task.name!r} has {data.num_labels} labels but task.num_labels="
                          f"{cfg.task.num_labels}")
@@ -243,10 +243,11 @@ def _metrics(cfg, spec, result, device, total_steps, per_epoch, reference) -> di
                                                            "V_w_over_V_s") if k in last})
         metrics["final_rho"], metrics["final_nu"] = last.get("rho"), last.get("nu")
     if reference is not None:
-        metrics["time_reduction"] = 1 - train_time / reference["train_time_s"]
+        if reference["train_time_s"] > 0:  # 0 in very short runs: every step was warm-up or a probe
+            metrics["time_reduction"] = 1 - train_time / reference["train_time_s"]
         if flops["flops_total"] and reference.get("flops_total"):
             metrics["flops_reduction_measured"] = 1 - flops["flops_total"] / reference["flops_total"]
-        if metrics.get("flops_reduction_measured"):
+        if metrics.get("flops_reduction_measured") and "time_reduction" in metrics:
             conversion = metrics["time_reduction"] / metrics["flops_reduction_measured"]
             metrics["time_over_flops_reduction"] = conversion
     return metrics
