@@ -47,3 +47,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def standins(tmp_path_factory):
+    """Tiny local copies, in the real formats, of every checkpoint and dataset the paper's commands use."""
+    from standins import write_standins
+
+    return write_standins(tmp_path_factory.mktemp("standins"))

@@ -9,11 +9,14 @@ Written into a folder by :func:`write_standins` (a session fixture in ``conftest
                                           (32x32 inputs, patch 8, hidden 32, 2 layers)
     models/timm-vit/model.safetensors     timm's weights file of `vit_tiny_patch16_224.augreg_in21k`
                                           (21,843-class head, as the in21k files carry)
-    glue/sst2, glue/mnli                  the original GLUE TSVs (MNLI: dev_matched and dev_mismatched)
-    glue/qqp, glue/qnli                   the hub's parquet export
-    images/cifar10, images/cifar100       ImageFolders train/ + test/ (10 and 100 classes of 8x8 PNGs)
-    images/imagenet                       ImageFolder train/ + val/, 1,000 classes
-    c4/en/*.json(.gz)                     C4 JSON lines with a validation file
+    data/sst2, data/mnli                  the original GLUE TSVs (MNLI: dev_matched and dev_mismatched)
+    data/qqp, data/qnli                   the hub's parquet export
+    data/cifar10, data/cifar100           ImageFolders train/ + test/ (10 and 100 classes of 8x8 PNGs)
+    data/imagenet                         ImageFolder train/ + val/, 1,000 classes
+    data/c4/en/*.json(.gz)                C4 JSON lines with a validation file
+
+Every folder is named after the task or model it stands in for, so one override serves a sweep:
+``task.args.data_dir=<root>/data/${task.name}``, ``model.args.path=<root>/models/${model.name}``.
 """
 
 from __future__ import annotations
@@ -56,15 +59,9 @@ class Standins:
             return self.root / "models" / "timm-vit" / "model.safetensors"
         return self.root / "models" / name
 
-    def glue(self, task: str) -> Path:
-        return self.root / "glue" / task
-
-    def images(self, task: str) -> Path:
-        return self.root / "images" / task
-
-    @property
-    def c4(self) -> Path:
-        return self.root / "c4"
+    def data(self, task: str) -> Path:
+        """The local data folder of a paper task (sst2, mnli, qqp, qnli, cifar10, cifar100, imagenet, c4)."""
+        return self.root / "data" / task
 
 
 def write_standins(root: Path) -> Standins:
@@ -76,11 +73,11 @@ def write_standins(root: Path) -> Standins:
     for name in ("vit-base", "vit-large"):
         _write_vit(root / "models" / name)
     _write_timm_vit(root / "models" / "timm-vit")
-    _write_glue(root / "glue")
+    _write_glue(root / "data")
     rng = np.random.default_rng(0)
     for task, (classes, eval_split) in IMAGE_TASKS.items():
-        _write_image_folder(root / "images" / task, classes, eval_split, rng)
-    _write_c4(root / "c4")
+        _write_image_folder(root / "data" / task, classes, eval_split, rng)
+    _write_c4(root / "data" / "c4")
     return Standins(root)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import datasets
@@ -37,5 +38,16 @@ def tokenize(
     drop = [column for column in dataset.column_names if column != "labels"]
     # A dataset loaded from the hub caches its tokenised copy beside it (keyed by tokenizer and length);
     # one built in memory from local files stays in memory, so nothing is written next to the data.
-    dataset = dataset.map(encode, batched=True, remove_columns=drop, keep_in_memory=not dataset.cache_files)
+    in_memory = not dataset.cache_files
+    # In memory nothing is cached, so the fingerprint need not come from hashing the tokenizer with dill
+    # (about a second per call); a hub dataset keeps the hashed one, its cache key.
+    fingerprint = _fingerprint(dataset, tokenizer, max_length, text_columns) if in_memory else None
+    dataset = dataset.map(encode, batched=True, remove_columns=drop, keep_in_memory=in_memory,
+                          new_fingerprint=fingerprint)
     return dataset.with_format("torch", columns=[k for k in keys if k in dataset.column_names] + ["labels"])
+
+
+def _fingerprint(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int,
+                 text_columns: Sequence[str]) -> str:
+    key = f"{dataset._fingerprint}|{tokenizer.name_or_path}|{len(tokenizer)}|{max_length}|{list(text_columns)}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
