@@ -49,5 +49,6 @@ def tokenize(
 
 def _fingerprint(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int,
                  text_columns: Sequence[str]) -> str:
-    key = f"{dataset._fingerprint}|{tokenizer.name_or_path}|{len(tokenizer)}|{max_length}|{list(text_columns)}"
+    key = "|".join(map(str, (dataset._fingerprint, tokenizer.name_or_path, len(tokenizer), max_length,
+                             list(text_columns))))
     return hashlib.sha256(key.encode()).hexdigest()[:16]
