@@ -39,7 +39,8 @@ def group_choices(group: str) -> list[str]:
 
 
 def check_command_line(args: list[str]) -> list[str]:
-    """Unknown group choices (``task=nope``), and anything Hydra or :func:`validate` rejects."""
+    """Unknown group choices (``task=nope``), anything Hydra or :func:`validate` rejects, and (offline)
+    hub assets that are not cached."""
     errors = []
     overrides = [a for a in args if not a.startswith("-") and not a.startswith("hydra")]
     for arg in overrides:
@@ -70,7 +71,9 @@ def compose_errors(overrides: list[str]) -> list[str]:
             return compose_errors(added)
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         return [": ".join(lines[:2])]  # Hydra's first two lines name the problem and its cause
-    return validate(cfg)
+    from vcas_bench.preflight import offline_errors
+
+    return validate(cfg) or offline_errors(cfg)
 
 
 def fail(errors: list[str]) -> None:
