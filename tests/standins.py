@@ -127,8 +127,8 @@ def _write_glue(root: Path) -> None:
 
 
 def _write_image_folder(root: Path, classes: int, eval_split: str, rng: np.random.Generator) -> None:
-    """One 8x8 RGB PNG per class in train/ and in the eval split (at least 16 in train)."""
-    per_class = max(1, -(-16 // classes))
+    """8x8 RGB PNGs: at least 64 in train/ (a batch of 32 and more), one per class in the eval split."""
+    per_class = max(1, -(-64 // classes))
     for split, count in (("train", per_class), (eval_split, 1)):
         for label in range(classes):
             folder = root / split / f"n{label:05d}"

@@ -52,7 +52,8 @@ def test_the_first_usage_line_offline_is_one_line_naming_both_overrides(tmp_path
                            f"output_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     [line] = proc.stderr.strip().splitlines()
-    assert line.startswith("vcas-bench: error: offline and not in the HF cache: checkpoint 'bert-large-uncased'")
+    expected = "vcas-bench: error: offline and not in the HF cache: checkpoint 'bert-large-uncased'"
+    assert line.startswith(expected)
     assert "model.args.path=" in line and "task.args.data_dir=" in line and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
 
