@@ -130,7 +130,7 @@ def _bert_hub_assets(args: dict, mlm: bool) -> list[HubAsset]:
     """Fine-tuning downloads config, weights and tokenizer; pretraining (mlm) config and tokenizer."""
     if args.get("path") is not None:
         return []
-    return [checkpoint_asset(args["checkpoint"], ("config.json",))]
+    return [checkpoint_asset(args["checkpoint"])]
 
 
 @register_model("bert-base", "text", mlm=True, hub_assets=_bert_hub_assets)
