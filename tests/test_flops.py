@@ -1,5 +1,5 @@
 """Measured FLOPs (FlopCounterMode through FlopMeter) against hand counts, exact and sampled, and the
-analytic model of vcas-method.md §1.11."""
+analytic model of docs/method.md §1.11."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The paper tables (transcription checked against vcas-method.md) and the generated tables and figures."""
+"""The paper tables (checked against docs/method.md §14) and the generated tables and figures."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from vcas_bench.report.tables import TABLES, make_tables, variant
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_DIR = REPO / "results" / "paper"
-METHOD_DOC = next((p for p in (REPO / "docs" / "vcas-method.md", REPO / "shared" / "docs" / "vcas-method.md",
-                               REPO.parent / "shared" / "docs" / "vcas-method.md") if p.exists()), None)
+METHOD_DOC = REPO / "docs" / "method.md"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -38,10 +37,6 @@ def _blank(cell: str) -> str:
     return "" if cell == "–" else cell
 
 
-needs_doc = pytest.mark.skipif(METHOD_DOC is None, reason="needs vcas-method.md (docs/ or shared/docs/)")
-
-
-@needs_doc
 def test_table1_transcribed_exactly():
     rows = {(r["paper_task"], r["dataset"], r["method"]): r for r in _paper(1)}
     _, *body = _md_table(1)
@@ -55,7 +50,6 @@ def test_table1_transcribed_exactly():
     assert {r["source"] for r in rows.values()} == {"paper"}
 
 
-@needs_doc
 @pytest.mark.parametrize("number", [2, 3, 8])
 def test_wallclock_tables_transcribed_exactly(number):
     _, *body = _md_table(number)
@@ -63,7 +57,6 @@ def test_wallclock_tables_transcribed_exactly(number):
     assert [[r[k] for k in keys] for r in _paper(number)] == [[_blank(c) for c in row] for row in body]
 
 
-@needs_doc
 @pytest.mark.parametrize("number", [4, 5, 6, 7])
 def test_ablation_tables_transcribed_exactly(number):
     header, loss, acc, flops = _md_table(number)
@@ -73,7 +66,6 @@ def test_ablation_tables_transcribed_exactly(number):
     assert [[r[k] for k in keys] for r in _paper(number)] == expected
 
 
-@needs_doc
 def test_table9_transcribed_exactly():
     _, *body = _md_table(9)
     keys = ["method", "loss", "mnli_m", "mnli_mm", "qqp", "qnli", "sst2", "cola", "stsb", "mrpc", "rte",

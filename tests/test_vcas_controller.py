@@ -1,4 +1,4 @@
-"""The VCAS controller: variance phase, s / rho / nu updates, state, isolation (vcas-method.md §1.5–§1.8, §0).
+"""The VCAS controller: variance phase, s / rho / nu updates, state, isolation (docs/method.md §5–§7, §13).
 
 A tiny random-init HF BERT (3 blocks, 6 linears each, batch 8 x 8 tokens) stands in for a real model.
 Expected values are computed independently where possible: block-output gradient norms and linear
@@ -137,7 +137,7 @@ def test_s_falls_when_tau_act_is_huge_and_rho_is_eq4_at_the_new_s():
 
 def test_s_rises_when_tau_act_is_zero_and_rho_is_eq4_at_the_new_s():
     """tau_act = 0 with rho < 1: V_act > 0 = tau_act * V_s, so s <- 0.5 + 0.2 = 0.7 and rho = envelope(p(0.7))
-    (the authors' code would apply p(0.3), §5.1 item 4)."""
+    (the authors' code would apply p(0.3), docs/method.md §13)."""
     ctrl = _controller(tau_act=0.0, alpha=0.2, rho_ema=0.0)
     ctrl.s = 0.5
     ctrl.sampler.rho = [0.5, 0.5, 0.5]
@@ -183,7 +183,7 @@ def test_nu_falls_by_beta_when_tau_w_is_huge():
 
 
 def test_nu_rises_when_tau_w_is_zero_and_is_clamped_to_one():
-    """tau_w = 0: nu_l <- min(1, nu_l / beta) wherever V_w,l > 0, else nu_l * beta (strict >, §5.1 item 5).
+    """tau_w = 0: nu_l <- min(1, nu_l / beta) wherever V_w,l > 0, else nu_l * beta (strict >, method §13).
     Only the [CLS] row of the top block reaches the classifier, so the top block's query and
     post-attention linears have N = 8 non-zero gradient rows <= k = nu * N * T: SampleW keeps them all and
     V_w = 0 exactly there; every other linear has V_w > 0."""
@@ -248,7 +248,7 @@ def test_variance_estimates_match_direct_computation():
 def test_sampled_repeats_are_independent_and_share_dropout_masks(monkeypatch):
     """With dropout 0.1: at rho = 1 the SampleA-only passes must reproduce the exact pass bit for bit
     (same dropout masks, so V_act = 0); at rho < 1 the M = 2 repeats of one batch must differ
-    (independent draws, not the authors' re-seeded identical ones, §5.1 item 8b)."""
+    (independent draws, not the authors' re-seeded identical ones, docs/method.md §13)."""
     ctrl = _controller(_bert(dropout=0.1), param_sample_ratio=1.0)
     loss_fn = _loss_fn(ctrl.wrapped.model)
     stats = ctrl.adapt(loss_fn, _batches(2), step=0)

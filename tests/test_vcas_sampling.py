@@ -1,4 +1,4 @@
-"""Truth tables and Monte Carlo checks for the pure VCAS sampling functions (vcas-method.md §1.3–§1.5, §1.10).
+"""Truth tables and Monte Carlo checks for the pure VCAS sampling functions (docs/method.md §3–§5).
 
 Every random test uses a fixed ``torch.Generator`` seed; statistical tests state their sample size and
 bound in the docstring.

@@ -1,4 +1,4 @@
-"""The sampled backward is unbiased: E[ASG] = exact gradient, for every parameter (vcas-method.md §1.9).
+"""The sampled backward is unbiased: E[ASG] = exact gradient, for every parameter (docs/method.md §8).
 
 Models are tiny, randomly initialised, dropout 0 (so train/eval mode does not matter), built in the
 test. The forward pass is run once; each draw is one more ``autograd.grad`` over the retained graph,

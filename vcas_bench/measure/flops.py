@@ -1,7 +1,7 @@
 """Measured FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` on probe units, extrapolated.
 
 The counter sees every matmul, convolution and attention kernel that actually runs, including the
-reduced GEMMs inside VCAS's custom backward, so it measures what the analytic model of §1.11 only
+reduced GEMMs inside VCAS's custom backward, so it measures what the analytic model of docs/method.md §9 only
 assumes. Counting costs time (about 5% per step on MiniLM, more on tiny models), so a unit of work
 (a training step, or a variance phase) is either *counted* (a probe) or *timed*, never both:
 

@@ -3,7 +3,7 @@
 Every ``metrics.json`` under ``results/`` (except ``paper/``, ``tables/``, ``bench/``) is one run. Runs
 that fill the same cell (same setting, method and sampler settings: seeds) are averaged and counted.
 Our proxy tasks and models stand for the paper's by ``PROXY_FOR``; the paper's numbers come from
-``results/paper/`` (vcas-method.md §2). A cell that no run fills says "not run"; nothing is made up.
+``results/paper/`` (docs/method.md §14). A cell that no run fills says "not run"; nothing is made up.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ PROXY_FOR: dict[str, str] = {
     "vit-large": "ViT-large",
 }
 METHODS = {"exact": "exact", "sb": "SB", "ub": "UB", "vcas": "VCAS"}  # our sampler -> the paper's name
-VCAS_DEFAULTS = {"alpha": 0.01, "beta": 0.95, "M": 2, "rho_ema": 0.6, "param_sample_ratio": 0.01}  # §1.12
+VCAS_DEFAULTS = {"alpha": 0.01, "beta": 0.95, "M": 2, "rho_ema": 0.6, "param_sample_ratio": 0.01}  # §10
 SKIP_DIRS = frozenset({"paper", "tables", "bench"})
 NOT_RUN, NOT_IN_PAPER, NONE = "not run", "not in paper", "–"
 
@@ -328,8 +328,8 @@ def _display(table: pd.DataFrame) -> pd.DataFrame:
 NOTES = ("Paper: Wang, Chen, Zhu, ICLR 2024 (arXiv 2402.17227), numbers from `results/paper/table{n}.csv`. "
          "Ours: vcas-bench proxy runs (`ours_setting` = task / model / steps, batch size), mean over "
          "`ours_n` runs (seeds) with the same `ours_variant`; the proxy mapping is in `README.md`. "
-         "Accuracy, FLOPs↓ and Time↓ in %. FLOPs↓ analytic = the paper's cost model (vcas-method.md "
-         "§1.11); measured = counted FLOPs of the real sampled backward. "
+         "Accuracy, FLOPs↓ and Time↓ in %. FLOPs↓ analytic = the paper's cost model (docs/method.md "
+         "§9); measured = counted FLOPs of the real sampled backward. "
          "\"not run\": no run of ours fills the cell; \"–\": not reported or not applicable; "
          "\"not in paper\": our run has no paper counterpart.")
 

@@ -34,7 +34,7 @@ class StepStats:
 
     loss: float  # mean loss over the full batch (the forward always sees all of it)
     keep_ratio: float  # fraction of the batch's rows that were backpropagated
-    analytic_cost: float  # the step's analytic FLOPs relative to an exact step (§1.11)
+    analytic_cost: float  # the step's analytic FLOPs relative to an exact step (docs/method.md §9)
     extra: dict[str, float] = field(default_factory=dict)
 
 

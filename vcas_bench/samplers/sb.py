@@ -1,5 +1,5 @@
 """``sb``: Selective Backprop (Jiang et al. 2019, "Accelerating deep learning by focusing on the
-biggest losers"), as the VCAS paper compares against it (vcas-method.md §4).
+biggest losers"), as the VCAS paper compares against it (docs/method.md §12).
 
 Forward the full batch; keep example ``i`` with probability ``CDF_R(loss_i) ** beta``, the loss's
 percentile among the last ``R`` losses seen (``beta = 2`` keeps about 1/3); backpropagate the kept

@@ -1,5 +1,5 @@
 """``ub``: upper-bound importance sampling (Katharopoulos & Fleuret 2018, "Not all samples are created
-equal"), as the VCAS paper compares against it (vcas-method.md §4).
+equal"), as the VCAS paper compares against it (docs/method.md §12).
 
 Forward the full batch of ``N``; score each example by the upper bound on its gradient norm, the
 norm of the loss gradient at the logits (``||softmax(z) - onehot(y)||`` for cross-entropy; for masked-LM

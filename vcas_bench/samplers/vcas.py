@@ -26,7 +26,7 @@ class VcasSampler:
 
     @dataclass
     class Settings:
-        """Paper defaults (vcas-method.md §1.12); ``F: null`` applies :func:`default_update_period`."""
+        """Paper defaults (docs/method.md §10); ``F: null`` applies :func:`default_update_period`."""
 
         tau: float = 0.025  # sets tau_act and tau_w together unless they are given
         tau_act: float | None = None
@@ -89,7 +89,7 @@ class VcasSampler:
 
     def adapt(self, step: int, loss_fn: LossFn, next_batch: Callable[[], Any], batch: Any) -> dict[str, Any]:
         ctl = self.controller
-        # The paper's per-interval cost r (§1.11), at the schedule used since the last phase.
+        # The paper's per-interval cost r (docs/method.md §9), at the schedule used since the last phase.
         interval_ratio = interval_cost_ratio(ctl.rho, ctl.nu_per_block(), ctl.config.M, ctl.config.F)
         fold = ctl.config.fold_batch
         batches = [batch] * fold + [next_batch() for _ in range(ctl.config.M - fold)]

@@ -1,4 +1,4 @@
-"""The row-skipping backward shared by VCAS, SB and UB (vcas-method.md §1.3, §1.4, §1.10).
+"""The row-skipping backward shared by VCAS, SB and UB (docs/method.md §3, §4).
 
 Two autograd functions do all the work:
 
@@ -89,7 +89,7 @@ class RowSampler:
             self.norms[block] = row_norms(grad)
         is_top = block == self.num_blocks - 1
         rho_above = 1.0 if is_top else self.rho[block + 1]
-        # Nested sets: a block resamples only when it keeps less than the block above it (§1.10);
+        # Nested sets: a block resamples only when it keeps less than the block above it (docs/method.md §3);
         # otherwise the gradient, already zero outside the rows kept above, passes through.
         if self.sample_activations and self.rho[block] < 1 and (is_top or self.rho[block] < rho_above):
             grad, keep = self._draw_rows(grad, self.rho[block])

@@ -1,4 +1,4 @@
-"""The VCAS controller: when to adapt, and the s / rho / nu updates (vcas-method.md §1.5–§1.8, §0).
+"""The VCAS controller: when to adapt, and the s / rho / nu updates (docs/method.md §5–§7, §13).
 
 Every ``F`` optimizer steps the caller hands :meth:`VcasController.adapt` ``M`` fresh batches. Its
 :class:`~vcas_bench.vcas.variance.VarianceEstimator` runs the variance phase on them and estimates
@@ -36,7 +36,7 @@ __all__ = ["VcasConfig", "VcasController", "PhaseStats"]
 
 @dataclass
 class VcasConfig:
-    """VCAS hyper-parameters; defaults are the paper's (§1.12)."""
+    """VCAS hyper-parameters; defaults are the paper's (docs/method.md §10)."""
 
     tau_act: float = 0.025
     tau_w: float = 0.025
@@ -126,7 +126,7 @@ class VcasController:
         self.history: list[PhaseStats] = []
         self.steps = 0
         self.phases = 0
-        self.cost_units = 0.0  # analytic FLOPs spent, in units of one exact FP+BP (§1.11)
+        self.cost_units = 0.0  # analytic FLOPs spent, in units of one exact FP+BP (docs/method.md §9)
         cfg = self.config
         self.alpha_now = cfg.alpha_max or cfg.alpha  # current s step (shrinks at sign flips)
         self.beta_now = [cfg.beta_min or cfg.beta] * len(self.sampler.linears)
@@ -153,11 +153,11 @@ class VcasController:
         return step >= self.next_phase
 
     def step_cost(self) -> float:
-        """Analytic FLOPs of one training step at the current rho / nu, relative to exact (§1.11)."""
+        """Analytic FLOPs of one training step at the current rho / nu, relative to exact (method §9)."""
         return step_cost_ratio(self.sampler.rho, self.nu_per_block())
 
     def phase_cost(self) -> float:
-        """Analytic FLOPs of one variance phase at the current rho, in exact FP+BP steps (§1.11)."""
+        """Analytic FLOPs of one variance phase at the current rho, in exact FP+BP steps (method §9)."""
         cfg = self.config
         rows = cfg.variance_subset == "rows"
         # A folded first pass computes every weight gradient in full (its update needs them).
@@ -176,7 +176,7 @@ class VcasController:
         return self.variance.take_folded()
 
     def analytic_flops_ratio(self) -> float:
-        """Analytic FLOPs spent so far relative to exact training of the same steps (§1.11)."""
+        """Analytic FLOPs spent so far relative to exact training of the same steps (docs/method.md §9)."""
         return self.cost_units / self.steps if self.steps else math.nan
 
     def unwrap(self) -> nn.Module:

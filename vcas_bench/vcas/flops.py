@@ -1,4 +1,4 @@
-"""The paper's analytic FLOPs model (vcas-method.md §1.11).
+"""The paper's analytic FLOPs model (docs/method.md §9).
 
 Forward : activation backward : weight backward = 1 : 1 : 1 for every linear, whatever its size, and
 everything that is not a sampled linear is ignored. Costs are in units of one exact FP+BP (= 3).

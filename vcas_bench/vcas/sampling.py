@@ -1,4 +1,4 @@
-"""Pure tensor functions behind VCAS (vcas-method.md §1.3–§1.5, §1.10).
+"""Pure tensor functions behind VCAS (docs/method.md §3–§5).
 
 - :func:`soft_topk`: water-filling keep probabilities, ``p_i = min(1, c * x_i)`` with ``sum(p) = k``.
 - :func:`bernoulli_keep`: one Poisson-sampling draw from those probabilities.

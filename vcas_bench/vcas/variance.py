@@ -1,4 +1,4 @@
-"""The VCAS variance phase: estimate V_s, V_act and V_w from M batches (vcas-method.md §1.5–§1.7).
+"""The VCAS variance phase: estimate V_s, V_act and V_w from M batches (docs/method.md §5–§7).
 
 For each batch, one exact backward and ``M`` SampleA-only backwards with independent draws and the
 same dropout masks give
