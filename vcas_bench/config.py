@@ -146,7 +146,7 @@ ARG_RULES: dict[str, Rule] = {
     "mlm_probability": number(0, 1, open_low=True, open_high=True),
     "eval_split": choice("matched", "mismatched"),
     "backend": choice("hf", "timm"),
-    **{name: integer(1) for name in ("image_size", "patch_size", "num_channels", "widen_factor", "base_width")},
+    **{key: integer(1) for key in ("image_size", "patch_size", "num_channels", "widen_factor", "base_width")},
 }
 
 VCAS_RULES: dict[str, Rule] = {
@@ -241,7 +241,7 @@ def sampler_errors(spec: dict[str, Any], where: str = "sampler") -> list[str]:
     merged = {**{f.name: f.default for f in fields(settings)}, **spec}
     for key, (partner, order) in PAIRED_SETTINGS.items():
         value, bound = merged.get(key), merged.get(partner)
-        if value is not None and bound is not None and not (value >= bound if order == ">=" else value <= bound):
+        if value is not None and bound is not None and (value < bound if order == ">=" else value > bound):
             return [f"{where}.{key}={show(value)}: must be {order} {where}.{partner} ({show(bound)}) or null"]
     try:
         settings(**spec)  # what the rules cannot say alone: alpha <= alpha_max, beta_min <= beta

@@ -9,6 +9,7 @@ gradient norm or weight stopped a run before it could be saved (exit 1).
 from __future__ import annotations
 
 import signal
+from typing import Any
 
 __all__ = ["RunDiverged", "RunInterrupted", "UsageError"]
 
@@ -20,9 +21,9 @@ class UsageError(ValueError):
 class RunInterrupted(Exception):
     """A signal ended the run at a step boundary; the message says where it stopped and how to resume."""
 
-    def __init__(self, message: str, signum: int) -> None:
+    def __init__(self, message: str, signum: int, details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
-        self.signum = signum
+        self.signum, self.details = signum, details or {}  # details: step, total_steps, last_checkpoint
 
     @property
     def exit_code(self) -> int:
@@ -35,3 +36,7 @@ class RunInterrupted(Exception):
 
 class RunDiverged(FloatingPointError):
     """A loss, gradient norm or parameter became NaN/inf; the message names the step and last checkpoint."""
+
+    def __init__(self, message: str, step: int, last_checkpoint: str | None) -> None:
+        super().__init__(message)
+        self.step, self.last_checkpoint = step, last_checkpoint

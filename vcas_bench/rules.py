@@ -15,8 +15,13 @@ from typing import Any
 
 __all__ = ["Rule", "choice", "directory", "flag", "integer", "number", "show", "text", "type_rule"]
 
-KIND_NAMES = {"integer": "an integer", "number": "a number", "flag": "true or false",
-              "directory": "an existing directory", "text": "a string"}
+KIND_NAMES = {
+    "integer": "an integer",
+    "number": "a number",
+    "flag": "true or false",
+    "directory": "an existing directory",
+    "text": "a string",
+}
 
 
 @dataclass(frozen=True)
@@ -71,8 +76,13 @@ def integer(low: int | None = None, high: int | None = None, null: str | None = 
     return Rule("integer", low, high, null=null)
 
 
-def number(low: float | None = None, high: float | None = None, open_low: bool = False,
-           open_high: bool = False, null: str | None = None) -> Rule:
+def number(
+    low: float | None = None,
+    high: float | None = None,
+    open_low: bool = False,
+    open_high: bool = False,
+    null: str | None = None,
+) -> Rule:
     return Rule("number", low, high, open_low, open_high, null=null)
 
 
