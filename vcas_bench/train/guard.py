@@ -5,7 +5,8 @@ holder's PID (an ``fcntl.flock`` lock, released by the kernel however the holder
 :class:`StopSignals`: SIGINT/SIGTERM only set a flag; the training loop reads it at the next step
 boundary, checkpoints (when checkpointing is on) and stops, so an interrupt never tears a step or a
 file. A second signal stops at once. :func:`write_status`: ``status.json`` says whether the command is
-``running``, ``finished``, ``stopped`` (``trainer.stop_after``), ``interrupted`` or ``diverged``, at
+``running``, ``finished``, ``stopped`` (``trainer.stop_after``), ``interrupted``, ``diverged`` or
+``refused`` (a problem found once the data loaded), at
 which step and with which last checkpoint, so a sweep's summary shows the jobs that did not finish.
 """
 

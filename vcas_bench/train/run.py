@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from vcas_bench.assets import MissingAsset
 from vcas_bench.errors import RunDiverged, RunInterrupted, UsageError
 from vcas_bench.measure.flops import FlopMeter
 from vcas_bench.measure.timers import UnitTimer, peak_memory_mb, reset_peak_memory
@@ -99,6 +100,9 @@ def _run_all(cfg: DictConfig, specs: list[dict[str, Any]], out_dir: Path, device
         except RunDiverged as err:
             status("diverged", sampler=name, step=err.step, last_checkpoint=err.last_checkpoint,
                    message=str(err))
+            raise
+        except (UsageError, MissingAsset) as err:  # found once the data or a checkpoint was read
+            status("refused", sampler=name, message=str(err))
             raise
         results.append(metrics)
         if "stopped_at_step" in metrics:  # trainer.stop_after: resume later with trainer.resume=auto
