@@ -133,8 +133,8 @@ def main() -> None:
         if errors:
             fail(errors)
         hydra_main()
-    except KeyboardInterrupt:  # before training starts (once it has, a signal stops it at a step boundary)
-        print("vcas-bench: interrupted before training started; nothing was trained", file=sys.stderr)
+    except KeyboardInterrupt:  # before training started, or a second signal (the first waits for the step)
+        print("vcas-bench: interrupted; stopped at once, nothing saved at the interrupt", file=sys.stderr)
         sys.exit(130)
 
 

@@ -102,19 +102,26 @@ class Resume:
 
 
 def find_resume(
-    resume: str | None, run_dir: Path, sampler: str, settings: dict[str, Any], force: bool
+    resume: str | None,
+    run_dir: Path,
+    sampler: str,
+    settings: dict[str, Any],
+    force: bool,
+    writer: bool = True,
 ) -> Resume | None:
     """The checkpoint ``trainer.resume`` points to for the run of ``sampler`` in ``run_dir``, checked.
 
     ``auto``: the newest readable one in this run's own ``checkpoints/`` (none: start afresh). A directory:
     an earlier command's output directory, searched the same way. A file: that checkpoint, for the run
-    whose sampler wrote it (the other samplers of a comparison start afresh).
+    whose sampler wrote it (the other samplers of a comparison start afresh). Only the ``writer`` (DDP
+    rank 0) reports and sets aside unreadable files.
     """
     if resume is None:
         return None
     path = Path(resume)
     if resume == "auto" or path.is_dir():  # only this command's own files (it holds their lock) are moved
-        found = _newest_readable(run_dir if resume == "auto" else path / sampler, set_aside=resume == "auto")
+        own = resume == "auto"
+        found = _newest_readable(run_dir if own else path / sampler, report=writer, set_aside=own and writer)
     else:
         checkpoint = load_checkpoint(path)  # unreadable: UnreadableCheckpoint names the file
         found = Resume(path, checkpoint) if checkpoint["sampler"] == sampler else None
@@ -134,7 +141,7 @@ def check_settings(found: Resume, settings: dict[str, Any], force: bool, what: s
     return differences
 
 
-def _newest_readable(run_dir: Path, set_aside: bool) -> Resume | None:
+def _newest_readable(run_dir: Path, report: bool, set_aside: bool) -> Resume | None:
     """The newest checkpoint that loads; each unreadable newer one is named in one line (and set aside)."""
     found = checkpoints(run_dir)
     for index in range(len(found) - 1, -1, -1):
@@ -144,7 +151,8 @@ def _newest_readable(run_dir: Path, set_aside: bool) -> Resume | None:
             fallback = found[index - 1] if index else None
             then = f"using {fallback.name}" if fallback else "no older checkpoint: starting afresh"
             aside = f"set aside as {found[index].name}.corrupt, " if set_aside else ""
-            print(f"vcas-bench: {err}; {aside}{then}", file=sys.stderr)
+            if report:
+                print(f"vcas-bench: {err}; {aside}{then}", file=sys.stderr)
             if set_aside:
                 found[index].rename(found[index].with_name(found[index].name + ".corrupt"))
     return None

@@ -104,6 +104,9 @@ def _run_all(cfg: DictConfig, specs: list[dict[str, Any]], out_dir: Path, device
         except (UsageError, MissingAsset) as err:  # found once the data or a checkpoint was read
             status("refused", sampler=name, message=str(err))
             raise
+        except KeyboardInterrupt:  # a second signal: stopped at once, mid-step
+            status("interrupted", sampler=name, message="stopped at once (a second signal), no checkpoint")
+            raise
         results.append(metrics)
         if "stopped_at_step" in metrics:  # trainer.stop_after: resume later with trainer.resume=auto
             last = latest_checkpoint(out_dir / name)
@@ -144,7 +147,7 @@ def run_one(
         if "config" in metrics:  # written by a version that records its settings
             check_settings(Resume(finished, metrics), settings, force, "trainer.resume=auto")
         return metrics
-    resumed = find_resume(cfg.trainer.resume, run_dir, spec["name"], settings, force)
+    resumed = find_resume(cfg.trainer.resume, run_dir, spec["name"], settings, force, writer=dist.is_main)
     if dist.is_main:
         remove_leftovers(run_dir)  # temporary files of a killed write (this process holds the directory)
     # Same model init and dropout stream for every sampler of a comparison; under DDP each rank its own
