@@ -92,6 +92,10 @@ def _run_all(cfg: DictConfig, specs: list[dict[str, Any]], out_dir: Path, device
         status("running", sampler=name)
         reference = results[0] if results else None
         try:
+            if stop.requested():  # the signal came as the previous sampler finished: do not start this one
+                signame = signal.Signals(stop.signum).name
+                raise RunInterrupted(f"interrupted by {signame} before {name} started; resume with "
+                                     f"output_dir={out_dir} trainer.resume=auto", stop.signum)
             metrics = run_one(cfg, spec, out_dir / name, reference, device, dist, stop)
         except RunInterrupted as interrupt:
             status("interrupted", sampler=name, signal=interrupt.signal_name, message=str(interrupt),
