@@ -1,8 +1,9 @@
 """Config schemas (registered in Hydra's ConfigStore) and the checks that run before any training.
 
 The YAML under ``conf/`` is validated twice: Hydra checks types and keys against the dataclasses
-below when it composes; :func:`validate` then checks values and names (task, model, sampler, the
-builders' keyword arguments, the sampler's settings) and reports every problem at once.
+below when it composes; :func:`validate` then checks names (task, model, sampler, the builders' keyword
+arguments, the sampler's settings, keys added with ``+``) and every value against its :class:`Rule`
+(type, range, what null means), and reports every problem at once, one line each.
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ SETTING_RULES: dict[str, Rule] = {
     "task.batch_size": integer(1),
     "task.eval_batch_size": integer(1),
     "task.vcas_F": integer(1, null="the sampler's own period"),
+    "task.glue_eval.data_dir": directory(null="the hub's nyu-mll/glue"),
     "model.optim.name": choice("adamw", "adam", "sgd"),
     "model.optim.lr": number(0, open_low=True),
     "model.optim.weight_decay": number(0),
