@@ -1,7 +1,9 @@
 """``vcas-bench``: compose the config, check it, call :func:`vcas_bench.train.run.run`, exit.
 
 Problems with the command line (unknown task/model/sampler, a setting that does not exist, a
-negative learning rate, ...) are reported in one line each before any data or model is loaded.
+negative learning rate, ...) are reported in one line each before any data or model is loaded (exit 2);
+so are problems found once the data has loaded (a batch larger than the training set). SIGINT/SIGTERM
+stop a run at the next step boundary (exit 130/143), a diverged run ends in one line (exit 1).
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from pathlib import Path
 import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from vcas_bench.config import register_schemas, validate
+from vcas_bench.config import SETTING_RULES, register_schemas, validate
+from vcas_bench.errors import RunDiverged, RunInterrupted, UsageError
 
 GROUPS = ("task", "model", "sampler", "experiment")
 
@@ -65,15 +69,30 @@ def compose_errors(overrides: list[str]) -> list[str]:
             cfg = compose(config_name="config", overrides=overrides)
     except Exception as err:
         unknown = re.match(r"Could not override '([\w.]+)'", str(err))
-        if unknown and unknown.group(1).startswith(("sampler.", "task.args.", "model.args.")):
+        if unknown:
             # An unknown setting: compose it as an addition so that validate() names the valid ones.
             added = [f"+{o}" if o.startswith(unknown.group(1) + "=") else o for o in overrides]
-            return compose_errors(added)
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        return [": ".join(lines[:2])]  # Hydra's first two lines name the problem and its cause
-    from vcas_bench.preflight import offline_errors
+            if added != overrides:
+                return compose_errors(added)
+        return [hydra_error_line(err)]
+    from vcas_bench.preflight import preflight_errors
 
-    return validate(cfg) or offline_errors(cfg)
+    return validate(cfg) or preflight_errors(cfg)
+
+
+def hydra_error_line(err: Exception) -> str:
+    """Hydra's composition error as one line naming the key and the value (``key=value: must be ...``)."""
+    merging = re.match(r"Error merging override [+~]*(\S+?)=(.*)", str(err))
+    cause = str(err.__cause__ or "").strip().splitlines()
+    if merging:
+        key, value = merging.groups()
+        if key in SETTING_RULES:
+            return SETTING_RULES[key].message(key, value)
+        if "ListConfig" in str(err.__cause__):
+            return f"{key}={value}: must be a list, e.g. {key}=[{value}]"
+        return f"{key}={value}: {cause[0] if cause else 'not a valid value'}"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return ": ".join(lines[:2])  # Hydra's first two lines name the problem and its cause
 
 
 def fail(errors: list[str]) -> None:
@@ -84,28 +103,39 @@ def fail(errors: list[str]) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
-    from vcas_bench.assets import MissingAsset
-    from vcas_bench.preflight import offline_errors
+    from vcas_bench.preflight import preflight_errors
 
     errors = validate(cfg)
-    errors = errors or offline_errors(cfg)
+    errors = errors or preflight_errors(cfg)
     if errors:
         fail(errors)
+    from vcas_bench.assets import MissingAsset
     from vcas_bench.train.run import run  # heavy imports only once the config is known to be good
 
     out_dir = Path(cfg.output_dir or HydraConfig.get().runtime.output_dir)
     try:
         run(cfg, out_dir, CONF_DIR)
-    except MissingAsset as err:  # found only while loading (online but unreachable, a bad local copy)
+    except (UsageError, MissingAsset) as err:  # found while loading: the data, a bad local copy
         fail([str(err)])
+    except RunInterrupted as stop:
+        print(f"vcas-bench: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except RunDiverged as err:
+        print(f"vcas-bench: diverged: {err}", file=sys.stderr)
+        if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep goes on; status.json marks this job
+            sys.exit(1)
 
 
 def main() -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
-    errors = check_command_line(sys.argv[1:])
-    if errors:
-        fail(errors)
-    hydra_main()
+    try:
+        errors = check_command_line(sys.argv[1:])
+        if errors:
+            fail(errors)
+        hydra_main()
+    except KeyboardInterrupt:  # before training started, or a second signal (the first waits for the step)
+        print("vcas-bench: interrupted; stopped at once, nothing saved at the interrupt", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,24 @@
 """Config schemas (registered in Hydra's ConfigStore) and the checks that run before any training.
 
 The YAML under ``conf/`` is validated twice: Hydra checks types and keys against the dataclasses
-below when it composes; :func:`validate` then checks values and names (task, model, sampler, the
-builders' keyword arguments, the sampler's settings) and reports every problem at once.
+below when it composes; :func:`validate` then checks names (task, model, sampler, the builders' keyword
+arguments, the sampler's settings, keys added with ``+``) and every value against its :class:`Rule`
+(type, range, what null means), and reports every problem at once, one line each.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+from vcas_bench.rules import Rule, choice, directory, flag, integer, number, show, type_rule
 
 
 @dataclass
@@ -79,6 +83,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     resume: str | None = None  # null | auto (latest in this output dir) | a checkpoint file or output dir
     stop_after: int | None = None  # stop (checkpointed, unfinished) after this many steps in this process
+    resume_force: bool = False  # resume although result-changing settings differ (recorded in metrics)
 
 
 @dataclass
@@ -98,17 +103,127 @@ def register_schemas() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
+
+# What each typed setting accepts (Hydra has checked its type; these add ranges, choices, null meanings).
+SETTING_RULES: dict[str, Rule] = {
+    "seed": integer(0, 2**32 - 1),  # numpy's and sklearn's seeds are 32-bit
+    "logger": choice("wandb", null="no logger"),
+    "task.num_labels": integer(1),
+    "task.epochs": number(0, open_low=True),
+    "task.batch_size": integer(1),
+    "task.eval_batch_size": integer(1),
+    "task.vcas_F": integer(1, null="the sampler's own period"),
+    "task.glue_eval.data_dir": directory(null="the hub's nyu-mll/glue"),
+    "model.optim.name": choice("adamw", "adam", "sgd"),
+    "model.optim.lr": number(0, open_low=True),
+    "model.optim.weight_decay": number(0),
+    "model.optim.momentum": number(0, 1, open_high=True),
+    "model.optim.schedule": choice("linear", "constant"),
+    "model.optim.warmup_ratio": number(0, 1, open_high=True),
+    "model.optim.max_grad_norm": number(0, open_low=True, null="no clipping"),
+    "trainer.max_steps": integer(1, null="task.epochs decides"),
+    "trainer.eval_every_epoch": flag(),
+    "trainer.progress": flag(),
+    "trainer.time_detail": flag(null="on CPU only"),
+    "trainer.resume_force": flag(),
+    "trainer.device": choice("auto", "cpu", "cuda"),
+    "trainer.num_threads": integer(1, null="torch's default"),
+    "trainer.flops_every": integer(0),
+    "trainer.accumulate": integer(1),
+    "trainer.precision": choice("fp32", "bf16", "fp16"),
+    "trainer.checkpoint_every": integer(0),
+    "trainer.keep_checkpoints": integer(1),
+    "trainer.stop_after": integer(1, null="run to the end"),
+}
+
+# Builder keyword arguments (task.args, model.args) by name; others are checked against their annotation.
+ARG_RULES: dict[str, Rule] = {
+    "train_size": integer(1, null="every row"),
+    "eval_size": integer(1, null="every row"),
+    "max_length": integer(2),  # room for [CLS] and [SEP]
+    "data_dir": directory(null="the hub's copy"),
+    "path": directory(null="the hub's checkpoint"),
+    "tokenizer_path": directory(null="the packaged tokenizer"),
+    "dropout": number(0, 1, open_high=True, null="the model's own"),
+    "mlm_probability": number(0, 1, open_low=True, open_high=True),
+    "eval_split": choice("matched", "mismatched"),
+    "backend": choice("hf", "timm"),
+    **{key: integer(1) for key in ("image_size", "patch_size", "num_channels", "widen_factor", "base_width")},
+}
+
+VCAS_RULES: dict[str, Rule] = {
+    "tau": number(0),
+    "tau_act": number(0, null="tau"),
+    "tau_w": number(0, null="tau"),
+    "alpha": number(0, 1, open_low=True),
+    "beta": number(0, 1, open_low=True, open_high=True),
+    "M": integer(2),  # a variance needs two batches
+    "F": integer(1, null="task.vcas_F, else min(500, steps/50)"),
+    "rho_ema": number(0, 1, open_high=True),
+    "param_sample_ratio": number(0, 1, open_low=True),
+    "variance_subset": choice("entries", "rows"),
+    "reuse_forward": flag(),
+    "fold_batch": flag(),
+    "alpha_max": number(0, 1, open_low=True, null="a fixed step alpha"),
+    "beta_min": number(0, 1, open_low=True, open_high=True, null="a fixed multiplier beta"),
+    "F_max_factor": integer(1, null="a fixed period F"),
+}
+# Bounds one setting puts on another: key -> (partner, how key compares to it).
+PAIRED_SETTINGS = {"alpha_max": ("alpha", ">="), "beta_min": ("beta", "<=")}
+SAMPLER_RULES: dict[str, dict[str, Rule]] = {
+    "exact": {},
+    "vcas": VCAS_RULES,
+    "vcas-plus": VCAS_RULES,
+    "sb": {"beta": number(0), "history": integer(1),
+           "fixed_ratio": number(0, 1, open_low=True, null="keep by loss percentile")},
+    "ub": {"ratio": number(0, 1, open_low=True), "tau_th": number(0, null="always importance-sample")},
+}
+
+# The typed nodes of the composed config; their keys must be the schema's (a `+key=...` is refused too).
+SCHEMA_NODES: dict[str, type] = {"": RunConfig, "task": TaskConfig, "task.glue_eval": GlueEvalConfig,
+                                 "model": ModelConfig, "model.optim": OptimConfig, "trainer": TrainerConfig}
+
+
+def setting_names() -> list[str]:
+    """Every typed setting's full key (``trainer.max_steps``, ...)."""
+    return [f"{node}.{f.name}".lstrip(".") for node, schema in SCHEMA_NODES.items() for f in fields(schema)]
+
+
+def no_such_setting(key: str, value: Any) -> str:
+    """``trainer.max_stepz=5: no such setting; did you mean trainer.max_steps?`` (one line)."""
+    close = difflib.get_close_matches(key, setting_names(), n=1, cutoff=0.6)
+    node = key.rpartition(".")[0]
+    hint = f"did you mean {close[0]}?" if close else \
+        f"valid: {', '.join(f.name for f in fields(SCHEMA_NODES.get(node, RunConfig)))}"
+    return f"{key}={show(value)}: no such setting; {hint}"
+
+
+def unknown_setting_errors(cfg: DictConfig) -> list[str]:
+    errors = []
+    for node, schema in SCHEMA_NODES.items():
+        known = {f.name for f in fields(schema)}
+        section = OmegaConf.select(cfg, node) if node else cfg
+        errors += [no_such_setting(f"{node}.{key}".lstrip("."), section[key])
+                   for key in section if key not in known]
+    return errors
+
+
 def _builder_errors(kind: str, name: str, registry, args: dict[str, Any], fixed: set[str]) -> list[str]:
     if name not in registry:
         return [f"unknown {kind} {name!r}; valid {kind}s: {', '.join(registry.names())}"]
     params = inspect.signature(registry.get(name)).parameters
     valid = sorted(set(params) - fixed)
-    return [f"{kind} {name!r} has no argument {key!r}; valid: {', '.join(valid)}"
-            for key in args if key not in params or key in fixed]
+    unknown = [f"{kind} {name!r} has no argument {key!r}; valid: {', '.join(valid)}"
+               for key in args if key not in params or key in fixed]
+    if unknown:
+        return unknown
+    rules = {key: ARG_RULES.get(key) or type_rule(params[key].annotation) for key in args}
+    problems = (rule.problem(f"{kind}.args.{key}", args[key]) for key, rule in rules.items() if rule)
+    return [p for p in problems if p]
 
 
-def sampler_errors(spec: dict[str, Any]) -> list[str]:
-    """Problems with one sampler node (``{"name": ..., **settings}``)."""
+def sampler_errors(spec: dict[str, Any], where: str = "sampler") -> list[str]:
+    """Problems with one sampler node (``{"name": ..., **settings}``), each naming ``<where>.<setting>``."""
     from vcas_bench.samplers import SAMPLERS
 
     spec = dict(spec)
@@ -121,10 +236,19 @@ def sampler_errors(spec: dict[str, Any]) -> list[str]:
                for k in spec if k not in valid]
     if unknown:
         return unknown
+    rules = SAMPLER_RULES.get(name, {})
+    problems = [rules[k].problem(f"{where}.{k}", v) for k, v in spec.items() if k in rules]
+    if any(problems):
+        return [p for p in problems if p]
+    merged = {**{f.name: f.default for f in fields(settings)}, **spec}
+    for key, (partner, order) in PAIRED_SETTINGS.items():
+        value, bound = merged.get(key), merged.get(partner)
+        if value is not None and bound is not None and (value < bound if order == ">=" else value > bound):
+            return [f"{where}.{key}={show(value)}: must be {order} {where}.{partner} ({show(bound)}) or null"]
     try:
-        settings(**spec)
+        settings(**spec)  # what the rules cannot say alone: alpha <= alpha_max, beta_min <= beta
     except (TypeError, ValueError) as err:
-        return [str(err)]
+        return [f"{where}: {err}"]
     return []
 
 
@@ -134,45 +258,41 @@ def _glue_eval_errors(cfg: DictConfig) -> list[str]:
     return glue_eval_errors(OmegaConf.to_container(cfg.task.glue_eval, resolve=True), cfg.task.name)
 
 
+def _combination_errors(cfg: DictConfig) -> list[str]:
+    """Settings valid alone but not together (checked once each value is valid)."""
+    trainer, errors = cfg.trainer, []
+    if trainer.stop_after is not None and trainer.checkpoint_every == 0:
+        errors.append(f"trainer.stop_after={trainer.stop_after}: needs trainer.checkpoint_every > 0 "
+                      "(the stop is checkpointed)")
+    if trainer.resume not in (None, "auto") and not Path(trainer.resume).exists():
+        errors.append(f"trainer.resume={trainer.resume}: no such checkpoint file or output directory "
+                      "(null, auto, or a path)")
+    if trainer.resume_force and trainer.resume is None:
+        errors.append("trainer.resume_force=true: needs trainer.resume (auto or a path)")
+    if cfg.logger == "wandb" and importlib.util.find_spec("wandb") is None:
+        errors.append("logger=wandb needs the wandb package: pip install 'vcas-bench[wandb]'")
+    return errors
+
+
 def validate(cfg: DictConfig) -> list[str]:
-    """Every problem with a composed config, as one-line messages (empty when it is valid)."""
+    """Every problem with a composed config, as one-line messages (empty when it is valid).
+
+    Checks names (task, model, sampler, baselines, settings and builder arguments, also ones added with
+    ``+``), each value's type and range, and combinations; nothing is built or loaded.
+    """
     from vcas_bench.models import MODELS
     from vcas_bench.tasks import TASKS, compatibility_error
 
-    errors = _builder_errors("task", cfg.task.name, TASKS, cfg.task.args,
-                             {"seed", "tokenizer", "image_size", "num_channels"})
+    errors = unknown_setting_errors(cfg)
+    errors += _builder_errors("task", cfg.task.name, TASKS, cfg.task.args,
+                              {"seed", "tokenizer", "image_size", "num_channels"})
     errors += _builder_errors("model", cfg.model.name, MODELS, cfg.model.args, {"num_labels", "mlm"})
     mismatch = compatibility_error(cfg.task.name, cfg.model.name)
     errors += [mismatch] if mismatch else []
     errors += sampler_errors(OmegaConf.to_container(cfg.sampler, resolve=True))
     errors += _glue_eval_errors(cfg)
-    optim, task, trainer = cfg.model.optim, cfg.task, cfg.trainer
-    checks = {
-        "model.optim.lr must be > 0": optim.lr > 0,
-        "model.optim.weight_decay must be >= 0": optim.weight_decay >= 0,
-        "model.optim.warmup_ratio must be in [0, 1)": 0 <= optim.warmup_ratio < 1,
-        "model.optim.name must be one of adamw, adam, sgd": optim.name in ("adamw", "adam", "sgd"),
-        "model.optim.schedule must be one of linear, constant": optim.schedule in ("linear", "constant"),
-        "task.epochs must be > 0": task.epochs > 0,
-        "task.batch_size must be >= 1": task.batch_size >= 1,
-        "model.args.backend must be one of hf, timm": cfg.model.args.get("backend", "hf") in ("hf", "timm"),
-        "trainer.max_steps must be >= 1": trainer.max_steps is None or trainer.max_steps >= 1,
-        "trainer.flops_every must be >= 0": trainer.flops_every >= 0,
-        "trainer.accumulate must be >= 1": trainer.accumulate >= 1,
-        "trainer.precision must be one of fp32, bf16, fp16": trainer.precision in ("fp32", "bf16", "fp16"),
-        "trainer.checkpoint_every must be >= 0": trainer.checkpoint_every >= 0,
-        "trainer.keep_checkpoints must be >= 1": trainer.keep_checkpoints >= 1,
-        "trainer.stop_after must be >= 1 and needs trainer.checkpoint_every > 0":
-            trainer.stop_after is None or (trainer.stop_after >= 1 and trainer.checkpoint_every > 0),
-        "trainer.device must be one of auto, cpu, cuda": trainer.device in ("auto", "cpu", "cuda"),
-        "logger must be null or wandb": cfg.logger in (None, "wandb"),
-    }
-    errors += [message for message, ok in checks.items() if not ok]
-    if trainer.resume not in (None, "auto") and not Path(trainer.resume).exists():
-        errors.append(f"trainer.resume={trainer.resume}: no such checkpoint file or output directory "
-                      "(null, auto, or a path)")
-    if cfg.logger == "wandb" and importlib.util.find_spec("wandb") is None:
-        errors.append("logger=wandb needs the wandb package: pip install 'vcas-bench[wandb]'")
+    problems = [rule.problem(key, OmegaConf.select(cfg, key)) for key, rule in SETTING_RULES.items()]
+    errors += [p for p in problems if p]
     for name in cfg.baselines:
-        errors += [f"baselines: {e}" for e in sampler_errors({"name": name})]
-    return errors
+        errors += [f"baselines: {e}" for e in sampler_errors({"name": name}, where="baselines")]
+    return errors or _combination_errors(cfg)

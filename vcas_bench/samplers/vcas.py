@@ -46,7 +46,7 @@ class VcasSampler:
         F_max_factor: int | None = None  # adaptive period up to F_max_factor * F
 
         def __post_init__(self) -> None:
-            self.to_config(F=1)  # range checks live in VcasConfig
+            self.to_config(F=1 if self.F is None else self.F)  # range checks live in VcasConfig (F=0 too)
 
         def to_config(self, F: int, seed: int = 0) -> VcasConfig:
             fields = asdict(self)
@@ -61,7 +61,7 @@ class VcasSampler:
         self.controller: VcasController | None = None
 
     def attach(self, model: nn.Module, block_type: str, total_steps: int) -> None:
-        F = self.settings.F or default_update_period(total_steps)
+        F = default_update_period(total_steps) if self.settings.F is None else self.settings.F
         config = self.settings.to_config(F, self.seed)
         self.controller = VcasController(model, block_type, config, reduce_fn=self.reduce_fn)
 

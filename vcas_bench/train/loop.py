@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vcas_bench.errors import RunDiverged
 from vcas_bench.samplers import LossFn, StepStats
 from vcas_bench.train.distributed import Dist
 from vcas_bench.train.state import Checkpointer, LoopResult, TrainState
@@ -42,12 +43,13 @@ def train(
     save: Checkpointer | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     dist: Dist | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> LoopResult:
     """Train up to ``options.total_steps`` optimizer steps from wherever ``state`` stands.
 
     Evaluates after each epoch and at the end; calls ``save(step)`` every ``checkpoint_every`` steps, at
-    the end, and before a ``stop_after`` stop. Under ``dist`` (data parallel) gradients and the logged
-    loss are averaged over ranks before the update.
+    the end, and before a ``stop_after`` stop or a ``should_stop()`` one (a signal, read once per step).
+    Under ``dist`` (data parallel) gradients and the logged loss are averaged over ranks before the update.
     """
     dist = dist or Dist()
     model, sampler, optimizer, scheduler = state.model, state.sampler, state.optimizer, state.scheduler
@@ -111,13 +113,15 @@ def train(
         if crossed or done:
             epochs = batches.epoch + (batches.epoch_done or not crossed)  # a partial last epoch counts
             result.evals.append({"step": result.steps, "epoch": epochs, **evaluate()})
-        stop = options.stop_after is not None and result.steps - started >= options.stop_after and not done
+        asked = should_stop is not None and dist.mean(float(should_stop())) > 0  # any rank: all stop here
+        stop = (asked or options.stop_after is not None and result.steps - started >= options.stop_after) \
+            and not done
         every = options.checkpoint_every
         if save and every and (result.steps % every == 0 or done or stop):
             _check_finite_parameters(model, sampler.name, result.steps, save)
             save(result.steps)
         if stop:
-            result.stopped = True
+            result.stopped, result.interrupted = True, asked
             break
     bar.close()
     return result
@@ -174,19 +178,24 @@ def _with_loss_scale(loss_fn: LossFn, scaler: torch.amp.GradScaler) -> LossFn:
 
 def _check_finite(value: float, what: str, name: str, step: int, save) -> None:
     if not math.isfinite(value):
-        raise FloatingPointError(f"{name}: {what} is {value} at step {step + 1}; stopped before the update"
-                                 f"{_last_checkpoint(save)}")
+        raise RunDiverged(f"{name}: {what} is {value} at step {step + 1}; stopped before the update"
+                          f"{_last_checkpoint(save)}", step + 1, _last_path(save))
 
 
 def _check_finite_parameters(model: nn.Module, name: str, step: int, save) -> None:
     """Checkpoints hold finite parameters only: an update that overflowed stops the run instead."""
     bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
-        raise FloatingPointError(f"{name}: parameters became non-finite at step {step} ({bad[0]}"
-                                 f"{' and others' if len(bad) > 1 else ''}); not checkpointed"
-                                 f"{_last_checkpoint(save)}")
+        others = " and others" if len(bad) > 1 else ""
+        raise RunDiverged(f"{name}: parameters became non-finite at step {step} ({bad[0]}{others}); not "
+                          f"checkpointed{_last_checkpoint(save)}", step, _last_path(save))
+
+
+def _last_path(save: Checkpointer | None) -> str | None:
+    last = save.last if save is not None else None
+    return str(last) if last else None
 
 
 def _last_checkpoint(save: Checkpointer | None) -> str:
-    last = save.last if save is not None else None
+    last = _last_path(save)
     return f"; last good checkpoint: {last}" if last else "; no checkpoint was written"

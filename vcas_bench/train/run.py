@@ -7,9 +7,11 @@ into ``<output dir>/<sampler>/``; the comparison writes ``comparison.{md,csv,jso
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from vcas_bench.assets import MissingAsset
+from vcas_bench.errors import RunDiverged, RunInterrupted, UsageError
 from vcas_bench.measure.flops import FlopMeter
 from vcas_bench.measure.timers import UnitTimer, peak_memory_mb, reset_peak_memory
 from vcas_bench.models import create_model
@@ -30,14 +34,17 @@ from vcas_bench.train import build
 from vcas_bench.train.data import build_extra_stream, build_train_stream
 from vcas_bench.train.distributed import Dist, close_distributed, init_distributed
 from vcas_bench.train.glue_eval import glue_eval
+from vcas_bench.train.guard import OutputLock, StopSignals, write_status
 from vcas_bench.train.loop import LoopOptions, train
-from vcas_bench.train.state import (
-    Checkpointer,
-    LoopResult,
-    TrainState,
-    find_resume_checkpoint,
-    load_checkpoint,
+from vcas_bench.train.resume import (
+    Resume,
+    check_resume_target,
+    check_settings,
+    find_resume,
+    project_version,
+    run_settings,
 )
+from vcas_bench.train.state import Checkpointer, LoopResult, TrainState, latest_checkpoint, remove_leftovers
 
 
 def sampler_specs(cfg: DictConfig, conf_dir: Path | None) -> list[dict[str, Any]]:
@@ -53,27 +60,66 @@ def sampler_specs(cfg: DictConfig, conf_dir: Path | None) -> list[dict[str, Any]
 
 
 def run(cfg: DictConfig, out_dir: Path, conf_dir: Path | None = None) -> list[dict[str, Any]]:
-    """Run every sampler of the comparison; return their metrics (the last one is ``cfg.sampler``)."""
+    """Run every sampler of the comparison; return their metrics (the last one is ``cfg.sampler``).
+
+    Holds ``out_dir`` against a second writer; SIGINT/SIGTERM end it at a step boundary with
+    :class:`RunInterrupted`; ``status.json`` says how it ended (see :mod:`vcas_bench.train.guard`).
+    """
     os.environ.setdefault("WANDB_MODE", "offline")
     datasets.disable_progress_bars()  # tokenising a few thousand rows needs no bar of its own
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
+    specs = sampler_specs(cfg, conf_dir)
+    check_resume_target(cfg.trainer.resume, [spec["name"] for spec in specs])
     dist, device = init_distributed(build.build_device(cfg.trainer.device))  # torchrun's env, if any
     # Each rank may have its own Hydra run directory: all follow rank 0's (its checkpoints, resume).
     out_dir = dist.broadcast(out_dir)
-    results: list[dict[str, Any]] = []
     try:
-        for spec in sampler_specs(cfg, conf_dir):
-            reference = results[0] if results else None
-            metrics = run_one(cfg, spec, out_dir / spec["name"], reference, device, dist)
-            results.append(metrics)
-            if "stopped_at_step" in metrics:  # trainer.stop_after: resume later with trainer.resume=auto
-                return results
+        with OutputLock(out_dir) if dist.is_main else contextlib.nullcontext(), StopSignals() as stop:
+            results = _run_all(cfg, specs, out_dir, device, dist, stop)
     finally:
         if dist.world > 1:
             close_distributed()
+    return results
+
+
+def _run_all(cfg: DictConfig, specs: list[dict[str, Any]], out_dir: Path, device: torch.device, dist: Dist,
+             stop: StopSignals) -> list[dict[str, Any]]:
+    status = (lambda *a, **k: write_status(out_dir, *a, **k)) if dist.is_main else (lambda *a, **k: None)
+    results: list[dict[str, Any]] = []
+    for spec in specs:
+        name = spec["name"]
+        status("running", sampler=name)
+        reference = results[0] if results else None
+        try:
+            if stop.requested():  # the signal came as the previous sampler finished: do not start this one
+                signame = signal.Signals(stop.signum).name
+                raise RunInterrupted(f"interrupted by {signame} before {name} started; resume with "
+                                     f"output_dir={out_dir} trainer.resume=auto", stop.signum)
+            metrics = run_one(cfg, spec, out_dir / name, reference, device, dist, stop)
+        except RunInterrupted as interrupt:
+            status("interrupted", sampler=name, signal=interrupt.signal_name, message=str(interrupt),
+                   **interrupt.details)
+            raise
+        except RunDiverged as err:
+            status("diverged", sampler=name, step=err.step, last_checkpoint=err.last_checkpoint,
+                   message=str(err))
+            raise
+        except (UsageError, MissingAsset) as err:  # found once the data or a checkpoint was read
+            status("refused", sampler=name, message=str(err))
+            raise
+        except KeyboardInterrupt:  # a second signal: stopped at once, mid-step
+            status("interrupted", sampler=name, message="stopped at once (a second signal), no checkpoint")
+            raise
+        results.append(metrics)
+        if "stopped_at_step" in metrics:  # trainer.stop_after: resume later with trainer.resume=auto
+            last = latest_checkpoint(out_dir / name)
+            status("stopped", sampler=name, step=metrics["stopped_at_step"],
+                   last_checkpoint=str(last) if last else None)
+            return results
     if dist.is_main:
         _write_comparison(out_dir, results)
+    status("finished", samplers=[spec["name"] for spec in specs])
     return results
 
 
@@ -88,21 +134,31 @@ def _write_comparison(out_dir: Path, results: list[dict[str, Any]]) -> None:
 
 def run_one(
     cfg: DictConfig, spec: dict[str, Any], run_dir: Path, reference: dict[str, Any] | None,
-    device: torch.device, dist: Dist | None = None,
+    device: torch.device, dist: Dist | None = None, stop: StopSignals | None = None,
 ) -> dict[str, Any]:
     """Train one sampler with the comparison's seed (or resume it); write and return its metrics.
 
-    Returns ``{"sampler": ..., "stopped_at_step": k}`` instead when ``trainer.stop_after`` ended it early.
-    Under data parallelism only rank 0 evaluates and writes.
+    Returns ``{"sampler": ..., "stopped_at_step": k}`` instead when ``trainer.stop_after`` ended it early;
+    raises :class:`RunInterrupted` when ``stop`` saw a signal. Under data parallelism only rank 0
+    evaluates and writes.
     """
     started = time.perf_counter()
     dist = dist or Dist()
-    if cfg.trainer.resume == "auto" and (run_dir / "metrics.json").exists():
-        return json.loads((run_dir / "metrics.json").read_text())  # finished before: not redone
+    settings, force = run_settings(cfg, spec), cfg.trainer.resume_force
+    finished = run_dir / "metrics.json"
+    if cfg.trainer.resume == "auto" and finished.exists():  # finished before: not redone
+        metrics = json.loads(finished.read_text())
+        if "config" in metrics:  # written by a version that records its settings
+            check_settings(Resume(finished, metrics), settings, force, "trainer.resume=auto")
+        return metrics
+    resumed = find_resume(cfg.trainer.resume, run_dir, spec["name"], settings, force, writer=dist.is_main)
+    if dist.is_main:
+        remove_leftovers(run_dir)  # temporary files of a killed write (this process holds the directory)
     # Same model init and dropout stream for every sampler of a comparison; under DDP each rank its own
     # dropout stream, and rank 0's initial weights for all.
     torch.manual_seed(cfg.seed + dist.rank)
     bundle, data = _build_model_and_data(cfg)
+    _check_data(cfg, data, dist.world)  # before anything trains: a batch the data cannot fill, ...
     bundle.model.to(device)
     dist.broadcast_parameters(bundle.model)
     batch_size, accumulate = cfg.task.batch_size, cfg.trainer.accumulate
@@ -110,9 +166,8 @@ def run_one(
                                                   cfg.task.epochs, cfg.trainer.max_steps)
     state = _build_state(cfg, spec, bundle, data, total_steps, device, dist)
     sampler, optim = state.sampler, cfg.model.optim
-    checkpoint = find_resume_checkpoint(cfg.trainer.resume, run_dir, spec["name"])
-    if checkpoint is not None:
-        state.load(load_checkpoint(checkpoint), rank=dist.rank, world=dist.world)
+    if resumed is not None:
+        state.load(resumed.checkpoint, rank=dist.rank, world=dist.world)
     eval_loaders = {"": DataLoader(data.eval, batch_size=cfg.task.eval_batch_size)}
     eval_loaders.update({f"{name}_": DataLoader(ds, batch_size=cfg.task.eval_batch_size)
                          for name, ds in data.extra_eval.items()})  # e.g. MNLI mismatched
@@ -123,20 +178,28 @@ def run_one(
         time_detail=device.type == "cpu" if cfg.trainer.time_detail is None else cfg.trainer.time_detail,
         checkpoint_every=cfg.trainer.checkpoint_every, stop_after=cfg.trainer.stop_after,
     )
+    save = Checkpointer(state, run_dir, spec["name"], keep=cfg.trainer.keep_checkpoints,
+                        gather=dist.gather if dist.world > 1 else None, writer=dist.is_main,
+                        meta={"config": settings, "version": project_version()})
+    save.last = resumed.path if resumed is not None else None
     try:
         result = train(
             state, build.build_loss_fn(bundle, device, cfg.trainer.precision),
             evaluate=lambda: build.evaluate_all(bundle, eval_loaders, device) if dist.is_main else {},
-            options=options,
-            save=Checkpointer(state, run_dir, spec["name"], keep=cfg.trainer.keep_checkpoints,
-                              gather=dist.gather if dist.world > 1 else None, writer=dist.is_main),
+            options=options, save=save,
             on_step=_wandb_logger(cfg, spec["name"], run_dir) if dist.is_main else None, dist=dist,
+            should_stop=stop.requested if stop is not None else None,
         )
     finally:
         sampler.detach()
+    if result.interrupted:
+        raise _interrupted(cfg, spec["name"], result.steps, total_steps, save, stop.signum, run_dir.parent)
     if result.stopped:
         return {"sampler": spec["name"], "stopped_at_step": result.steps}
     metrics = _metrics(cfg, spec, result, device, total_steps, per_epoch, reference)
+    metrics["config"] = settings  # a later trainer.resume=auto compares against these
+    if resumed is not None and resumed.forced:
+        metrics.update(resume_force=True, resume_differences=resumed.forced)
     metrics["wall_clock_s"] = time.perf_counter() - started  # this process's share when resumed
     metrics["resumed_from_step"] = result.resumed_from
     metrics["world_size"] = dist.world
@@ -151,6 +214,35 @@ def run_one(
     if result.phase_log:
         write_csv(run_dir / "sampler_log.csv", [_flatten(p) for p in result.phase_log])
     return metrics
+
+
+def _interrupted(cfg: DictConfig, name: str, step: int, total: int, save: Checkpointer, signum: int,
+                 out_dir: Path) -> RunInterrupted:
+    """The one line an interrupt ends with: where it stopped, the checkpoint, how to go on."""
+    where = f"interrupted by {signal.Signals(signum).name} at step {step}/{total} of {name}"
+    if cfg.trainer.checkpoint_every and save.last is not None:
+        then = f"checkpoint {save.last}; resume with output_dir={out_dir} trainer.resume=auto"
+    else:
+        then = "no checkpoint (trainer.checkpoint_every=0): a rerun starts afresh"
+    last = str(save.last) if save.last is not None else None
+    return RunInterrupted(f"{where}; {then}", signum,
+                          {"step": step, "total_steps": total, "last_checkpoint": last})
+
+
+def _check_data(cfg: DictConfig, data, world: int) -> None:
+    """Problems only the loaded data shows, in the same one-line form as the config's."""
+    rows, problems = len(data.train) // world, []
+    if cfg.task.batch_size > rows:
+        shard = f" per rank of {world}" if world > 1 else ""
+        problems.append(f"task.batch_size={cfg.task.batch_size}: larger than the training set ({rows} rows"
+                        f"{shard}); lower it or raise task.args.train_size")
+    if data.num_labels != cfg.task.num_labels:
+        problems.append(f"task.num_labels={cfg.task.num_labels}: task {cfg.task.name!r} has "
+                        f"{data.num_labels} labels; set task.num_labels={data.num_labels}")
+    if len(data.eval) == 0:
+        problems.append(f"task {cfg.task.name!r}: the eval set is empty (task.args.eval_size, its data)")
+    if problems:
+        raise UsageError("; ".join(problems))
 
 
 def _build_state(cfg: DictConfig, spec: dict[str, Any], bundle, data, total_steps: int,
@@ -188,9 +280,6 @@ def _build_model_and_data(cfg: DictConfig):
     mlm = TASK_MODALITIES.get(cfg.task.name) == "mlm"  # pretraining: the model's masked-LM variant
     bundle = create_model(cfg.model.name, num_labels=cfg.task.num_labels, mlm=mlm, **model_args)
     data = create_task(cfg.task.name, bundle, model_name=cfg.model.name, seed=cfg.seed, **task_args)
-    if data.num_labels != cfg.task.num_labels:
-        raise ValueError(f"task {cfg.task.name!r} has {data.num_labels} labels but task.num_labels="
-                         f"{cfg.task.num_labels}")
     return bundle, data
 
 

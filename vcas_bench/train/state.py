@@ -7,7 +7,9 @@ position of the training and variance-phase batch streams, and what the run has 
 so far. Under DDP each rank's RNG, sampler and stream states are gathered into rank 0's file.
 
 Files are ``<run dir>/checkpoints/step_<step>.pt``, written to a temporary file and renamed, so a
-run killed mid-write leaves the previous checkpoint intact; only the last ``keep`` are kept.
+run killed mid-write leaves the previous checkpoint intact (the temporary file is removed when the run
+dir is next written); only the last ``keep`` are kept. Each also holds the run's settings and the
+project version (``meta``), which a resume compares (:mod:`vcas_bench.train.resume`).
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from vcas_bench.errors import UsageError
 from vcas_bench.measure.flops import FlopMeter
 from vcas_bench.measure.timers import UnitTimer
 from vcas_bench.samplers import Sampler
 from vcas_bench.train.data import BatchStream
 
-__all__ = ["LoopResult", "TrainState", "Checkpointer", "save_checkpoint", "load_checkpoint",
-           "latest_checkpoint", "checkpoint_dir", "find_resume_checkpoint"]
+__all__ = ["LoopResult", "TrainState", "Checkpointer", "UnreadableCheckpoint", "save_checkpoint",
+           "load_checkpoint", "latest_checkpoint", "checkpoint_dir", "checkpoints", "remove_leftovers"]
 
 FORMAT = 1
 
@@ -44,7 +47,8 @@ class LoopResult:
     timer: UnitTimer | None = None
     flops: FlopMeter | None = None
     analytic_cost: float = 0.0  # summed analytic FLOPs, in exact-step units (steps + phases)
-    stopped: bool = False  # ended early by ``trainer.stop_after``: the run is not finished
+    stopped: bool = False  # ended early by ``trainer.stop_after`` or a signal: the run is not finished
+    interrupted: bool = False  # the early end was a signal's (SIGINT/SIGTERM)
     resumed_from: int | None = None  # the step a resumed run started from
 
     def state_dict(self) -> dict[str, Any]:
@@ -118,16 +122,16 @@ class Checkpointer:
 
     def __init__(self, state: TrainState, run_dir: Path, sampler: str, keep: int = 2,
                  gather: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None,
-                 writer: bool = True) -> None:
+                 writer: bool = True, meta: dict[str, Any] | None = None) -> None:
         self.state, self.run_dir, self.sampler, self.keep = state, run_dir, sampler, keep
-        self.gather, self.writer = gather, writer
+        self.gather, self.writer, self.meta = gather, writer, meta or {}
         self.last: Path | None = None
 
     def __call__(self, step: int) -> None:
         local = self.state.local_state()
         ranks = self.gather(local) if self.gather else [local]
         if self.writer:
-            content = {"sampler": self.sampler, "ranks": ranks, **self.state.shared_state()}
+            content = {"sampler": self.sampler, "ranks": ranks, **self.meta, **self.state.shared_state()}
             self.last = save_checkpoint(self.run_dir, step, content, self.keep)
         else:
             self.last = checkpoint_path(self.run_dir, step)
@@ -165,32 +169,34 @@ def _checkpoints(folder: Path) -> list[Path]:
     return sorted(folder.glob("step_*.pt"))  # zero-padded: name order is step order; temp files start "."
 
 
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint files, oldest first."""
+    return _checkpoints(checkpoint_dir(run_dir))
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = _checkpoints(checkpoint_dir(run_dir))
+    found = checkpoints(run_dir)
     return found[-1] if found else None
 
 
+def remove_leftovers(run_dir: Path) -> None:
+    """Temporary files of writes that a kill interrupted (only ever complete files are renamed)."""
+    for leftover in checkpoint_dir(run_dir).glob(".step_*"):
+        leftover.unlink(missing_ok=True)
+
+
+class UnreadableCheckpoint(UsageError):
+    """A checkpoint file that is empty, truncated, garbage or not vcas-bench's; the message names it."""
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a vcas-bench checkpoint (format {checkpoint.get('format')!r})")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # EOFError (empty), RuntimeError (truncated zip), UnpicklingError (garbage)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = f"checkpoint {path} is unreadable ({type(err).__name__}: {reason[:120]})"
+        raise UnreadableCheckpoint(message) from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise UnreadableCheckpoint(f"checkpoint {path} is not a vcas-bench checkpoint (format {found!r})")
     return checkpoint
-
-
-def find_resume_checkpoint(resume: str | None, run_dir: Path, sampler: str) -> Path | None:
-    """The checkpoint ``trainer.resume`` points to for the run of ``sampler`` in ``run_dir``.
-
-    ``auto``: the latest in this run's own ``checkpoints/`` (none: start afresh). A directory: the
-    output directory of an earlier command, searched the same way. A file: that checkpoint, for the
-    run whose sampler wrote it (the other samplers of a comparison start afresh).
-    """
-    if resume is None:
-        return None
-    if resume == "auto":
-        return latest_checkpoint(run_dir)
-    path = Path(resume)
-    if path.is_dir():
-        return latest_checkpoint(path / sampler)
-    if not path.is_file():
-        raise FileNotFoundError(f"trainer.resume={resume}: no such checkpoint file or run directory")
-    return path if load_checkpoint(path)["sampler"] == sampler else None
