@@ -53,7 +53,8 @@ class VcasSampler:
             tau = fields.pop("tau")
             fields["tau_act"] = tau if self.tau_act is None else self.tau_act
             fields["tau_w"] = tau if self.tau_w is None else self.tau_w
-            return VcasConfig(**fields, F=F, seed=seed)
+            fields["F"] = F
+            return VcasConfig(**fields, seed=seed)
 
     def __init__(self, settings: Settings, seed: int = 0, reduce_fn: ReduceFn | None = None) -> None:
         self.settings, self.seed, self.reduce_fn = settings, seed, reduce_fn
