@@ -100,18 +100,19 @@ class Wrapped:
 
 
 def auto_block_type(model: nn.Module) -> type:
-    """The class of the repeated block: the one with most instances as children of ``nn.ModuleList`` /
-    ``nn.Sequential`` containers that hold two or more modules of a single class (torch's own layers
-    excluded). T5's encoder and decoder ``T5Block`` lists count together; Swin's per-stage layer lists
-    add up past its stage list; ResNet's stage ``Sequential`` s give its ``BasicBlock`` s."""
+    """The class of the repeated block: the one with most instances (at least two) as children of
+    ``nn.ModuleList`` / ``nn.Sequential`` containers that hold modules of a single class (torch's own
+    layers excluded). T5's encoder and decoder ``T5Block`` lists count together; Swin's per-stage layer
+    lists add up past its stage list; ResNet's stage ``Sequential`` s give its ``BasicBlock`` s."""
     counts: Counter[type] = Counter()
     for container in model.modules():
-        if not isinstance(container, (nn.ModuleList, nn.Sequential)) or len(container) < 2:
+        if not isinstance(container, (nn.ModuleList, nn.Sequential)) or len(container) == 0:
             continue
         kinds = {type(child) for child in container}
         kind = next(iter(kinds))
         if len(kinds) == 1 and not kind.__module__.startswith("torch.nn"):
             counts[kind] += len(container)
+    counts = Counter({kind: n for kind, n in counts.items() if n >= 2})
     if not counts:
         raise ValueError(f"block_type='auto' found no list of repeated blocks in {type(model).__name__}; "
                          "pass block_type=<the block class or its name>")
