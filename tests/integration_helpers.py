@@ -31,9 +31,16 @@ def tiny_bert(seed: int = 0) -> nn.Module:
     """2 blocks, hidden 32, dropout 0 (so that resumed and uninterrupted runs can agree exactly)."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                        num_labels=3)
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return BertForSequenceClassification(config)

@@ -50,8 +50,13 @@ def test_plain_loop_resume_continues_the_schedule():
 
     def run(model, state=None, steps=8):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        loop = VcasLoop(model, recipe("plain_loop").loss_fn, extra=_loader(), config=VcasConfig.plus(F=2),
-                        accumulate=ACCUMULATE)
+        loop = VcasLoop(
+            model,
+            recipe("plain_loop").loss_fn,
+            extra=_loader(),
+            config=VcasConfig.plus(F=2),
+            accumulate=ACCUMULATE,
+        )
         batches = list(_loader(160))
         if state is not None:
             loop.load_state_dict(state["vcas"])

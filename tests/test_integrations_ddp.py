@@ -37,9 +37,16 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
         model = tiny_bert()
         vcas = recipe("ddp_loop").train(model, TokenRows(128), steps=4)
         ctl = vcas.controller
-        torch.save({"schedule": schedule(ctl), "generator": ctl.generator.get_state(), "phases": ctl.phases,
-                    "model": model.state_dict(), "ratio": ctl.analytic_flops_ratio()},
-                   Path(out_dir) / f"rank{rank}.pt")
+        torch.save(
+            {
+                "schedule": schedule(ctl),
+                "generator": ctl.generator.get_state(),
+                "phases": ctl.phases,
+                "model": model.state_dict(),
+                "ratio": ctl.analytic_flops_ratio(),
+            },
+            Path(out_dir) / f"rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 

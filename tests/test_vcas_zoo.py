@@ -48,9 +48,17 @@ def _tokens(seed: int, shape=(N, 8)) -> torch.Tensor:
 def _llama() -> Member:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                         max_position_embeddings=32))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=32,
+        )
+    )
     ids = _tokens(1)
     return Member(model, lambda m: m(input_ids=ids, labels=ids).loss, "LlamaDecoderLayer")
 
@@ -58,8 +66,18 @@ def _llama() -> Member:
 def _gpt2() -> Member:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=32,
-                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=100,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=32,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
     ids = _tokens(2)
     return Member(model, lambda m: m(input_ids=ids, labels=ids).loss, "GPT2Block")
 
@@ -67,9 +85,20 @@ def _gpt2() -> Member:
 def _t5() -> Member:
     from transformers import T5Config, T5ForConditionalGeneration
 
-    model = T5ForConditionalGeneration(T5Config(vocab_size=100, d_model=32, d_kv=16, d_ff=64, num_layers=2,
-                                                num_decoder_layers=2, num_heads=2, dropout_rate=0.0,
-                                                decoder_start_token_id=0, pad_token_id=0))
+    model = T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=100,
+            d_model=32,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=2,
+            dropout_rate=0.0,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+        )
+    )
     ids, labels = _tokens(3), _tokens(4, (N, 6)).clamp_min(1)
     return Member(model, lambda m: m(input_ids=ids, labels=labels).loss, "T5Block")
 
@@ -77,9 +106,20 @@ def _t5() -> Member:
 def _swin() -> Member:
     from transformers import SwinConfig, SwinForImageClassification
 
-    config = SwinConfig(image_size=16, patch_size=2, num_channels=3, embed_dim=16, depths=[2, 2],
-                        num_heads=[2, 2], window_size=2, mlp_ratio=2.0, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0, drop_path_rate=0.0, num_labels=3)
+    config = SwinConfig(
+        image_size=16,
+        patch_size=2,
+        num_channels=3,
+        embed_dim=16,
+        depths=[2, 2],
+        num_heads=[2, 2],
+        window_size=2,
+        mlp_ratio=2.0,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        drop_path_rate=0.0,
+        num_labels=3,
+    )
     model = SwinForImageClassification(config)
     g = torch.Generator().manual_seed(5)
     pixels, labels = torch.randn(N, 3, 16, 16, generator=g), torch.randint(0, 3, (N,), generator=g)
@@ -121,8 +161,12 @@ def _draw(member: Member, n: int) -> tuple[Draws, list[str]]:
 
     def grads() -> torch.Tensor:
         gs = torch.autograd.grad(loss, [p for _, p in named], retain_graph=True, allow_unused=True)
-        return torch.cat([(torch.zeros_like(p) if g is None else g).flatten()[e]
-                          for g, (_, p), e in zip(gs, named, subsets)])
+        return torch.cat(
+            [
+                (torch.zeros_like(p) if g is None else g).flatten()[e]
+                for g, (_, p), e in zip(gs, named, subsets)
+            ]
+        )
 
     sampler.sample_activations = sampler.sample_weights = False
     exact = grads()
@@ -137,8 +181,13 @@ def _draw(member: Member, n: int) -> tuple[Draws, list[str]]:
     sampled = {k for k, p in named if id(p) in linear_weights}
     info = [wrapped.block_type, *sorted(slot.name.rsplit(".", 1)[-1] for slot in sampler.linears)]
     unwrap(wrapped)
-    d = Draws([k for k, _ in named], list(exact.split(sizes)), list(draws.split(sizes, dim=1)),
-              torch.zeros(n, blocks), sampled)
+    d = Draws(
+        [k for k, _ in named],
+        list(exact.split(sizes)),
+        list(draws.split(sizes, dim=1)),
+        torch.zeros(n, blocks),
+        sampled,
+    )
     return d, info
 
 
@@ -162,9 +211,11 @@ def test_auto_wrap_is_unbiased_on_the_zoo(name):
     bad = [s for s in stats if s.biased]
     assert not bad, "biased groups:\n" + _report(bad)
     ratios, z2 = _ratios(stats), [s.mean_z2 for s in stats if s.entries > 0]
-    print(f"\n{name}: {info[0]}, {len(info) - 1} sampled linears, {len(ratios)} groups; mean z^2 median "
-          f"{statistics.median(z2):.3f} max {max(z2):.3f}; mean z^2 / bound median "
-          f"{statistics.median(ratios):.3f} max {max(ratios):.3f}")
+    print(
+        f"\n{name}: {info[0]}, {len(info) - 1} sampled linears, {len(ratios)} groups; mean z^2 median "
+        f"{statistics.median(z2):.3f} max {max(z2):.3f}; mean z^2 / bound median "
+        f"{statistics.median(ratios):.3f} max {max(ratios):.3f}"
+    )
     if name != "resnet":
         assert len(d.sampled_names) > 0
         by_name = {s.name: s for s in stats}
@@ -193,8 +244,10 @@ def test_negative_control_on_the_zoo(monkeypatch, name, control):
     affected = [s for s in stats if in_scope(s.name) and s.entries > 0]
     flagged = [s for s in affected if s.biased]
     ratios, z2 = _ratios(affected), [s.mean_z2 for s in affected]
-    print(f"\n{name} control ({control}): {len(flagged)}/{len(affected)} flagged; mean z^2 median "
-          f"{statistics.median(z2):.1f}; mean z^2 / bound median {statistics.median(ratios):.2f}, "
-          f"max {max(ratios):.2f}")
+    print(
+        f"\n{name} control ({control}): {len(flagged)}/{len(affected)} flagged; mean z^2 median "
+        f"{statistics.median(z2):.1f}; mean z^2 / bound median {statistics.median(ratios):.2f}, "
+        f"max {max(ratios):.2f}"
+    )
     assert len(affected) >= 4 and not math.isnan(statistics.median(ratios)), _report(affected)
     assert len(flagged) >= 0.9 * len(affected), _report(affected)
