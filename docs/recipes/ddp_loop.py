@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from vcas_bench.integrations.loop import VcasLoop, ddp_mean
+from vcas_bench.integrations.loop import VcasLoop, ddp_mean  # + VCAS
 from vcas_bench.vcas import VcasConfig
 
 
@@ -23,8 +23,9 @@ def train(model, dataset, steps, accumulate=2):
     loader = DataLoader(dataset, batch_size=8, sampler=DistributedSampler(dataset, world, rank, seed=0))
     ddp_model = DistributedDataParallel(model)
     optimizer = torch.optim.AdamW(ddp_model.parameters(), lr=1e-3)
-    vcas = VcasLoop(ddp_model, loss_fn, extra=loader, config=VcasConfig.plus(F=2), accumulate=accumulate,
-                    reduce_fn=ddp_mean)  # + VCAS
+    # + VCAS: reduce_fn averages the variance estimates over ranks (the default whenever a group is up)
+    vcas = VcasLoop(ddp_model, loss_fn, loader, VcasConfig.plus(F=2), accumulate=accumulate,
+                    reduce_fn=ddp_mean)
     batches = iter(loader)
     for _ in range(steps):
         for _ in range(accumulate):

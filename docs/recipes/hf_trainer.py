@@ -3,7 +3,7 @@
 from transformers import TrainingArguments
 
 from vcas_bench.integrations.hf import VcasTrainer  # + VCAS (was: from transformers import Trainer)
-from vcas_bench.vcas import VcasConfig
+from vcas_bench.vcas import VcasConfig  # + VCAS
 
 
 def train(model, train_dataset, output_dir, steps, save_steps, resume=False):

@@ -4,7 +4,7 @@ import lightning as L
 import torch
 
 from vcas_bench.integrations.lightning import VcasCallback  # + VCAS
-from vcas_bench.vcas import VcasConfig
+from vcas_bench.vcas import VcasConfig  # + VCAS
 
 
 class Classifier(L.LightningModule):

@@ -2,8 +2,8 @@
 
 import torch
 
-from vcas_bench.integrations.loop import VcasLoop
-from vcas_bench.vcas import VcasConfig
+from vcas_bench.integrations.loop import VcasLoop  # + VCAS
+from vcas_bench.vcas import VcasConfig  # + VCAS (VcasConfig() is the paper's; .plus() the vcas-plus preset)
 
 
 def loss_fn(model, batch):
@@ -12,7 +12,7 @@ def loss_fn(model, batch):
 
 def train(model, loader, steps, accumulate=2):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    vcas = VcasLoop(model, loss_fn, extra=loader, config=VcasConfig.plus(F=2), accumulate=accumulate)  # +
+    vcas = VcasLoop(model, loss_fn, loader, VcasConfig.plus(F=2), accumulate=accumulate)  # + VCAS
     batches = iter(loader)
     for _ in range(steps):
         for _ in range(accumulate):

@@ -164,6 +164,7 @@ class VcasLoop:
         loss_fn: Callable[[nn.Module, Any], torch.Tensor],
         extra: DataLoader | Callable[[], Any],
         config: VcasConfig | None = None,
+        *,
         block_type: type | str = "auto",
         accumulate: int = 1,
         autocast: torch.dtype | None = None,
