@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from integration_helpers import TokenRows, recipe, runner_flops_ratio, schedule, tiny_bert
+from integration_helpers import RECIPES, TokenRows, recipe, runner_flops_ratio, schedule, tiny_bert
 
 from vcas_bench.integrations.loop import VcasLoop
 from vcas_bench.vcas import VcasConfig
@@ -132,3 +132,10 @@ def test_lightning_resume_restores_the_controller(lightning_runs):
     steps_and_s = [[(h.step, h.s) for h in vcas.controller.history] for vcas in (resumed, full)]
     assert steps_and_s[0] == steps_and_s[1]
     assert resumed.controller.steps > full.controller.steps // 2 + 2  # counting went on from the checkpoint
+
+
+def test_the_docs_show_the_recipes_as_tested():
+    """docs/integrations.md embeds every recipe file verbatim (the files these tests run)."""
+    docs = (RECIPES.parent / "integrations.md").read_text()
+    for path in sorted(RECIPES.glob("*.py")):
+        assert f"```python\n{path.read_text()}```" in docs, f"{path.name} differs from docs/integrations.md"
