@@ -109,6 +109,7 @@ def _trainer_class() -> type:
             path = os.path.join(self._get_output_dir(trial=trial), folder)
             extra = self._vcas_extra.state_dict() if self._vcas_extra is not None else self._vcas_extra_state
             state = {"controller": self.vcas.state_dict(), "extra": extra}
+            os.makedirs(path, exist_ok=True)  # ranks other than 0 may not have written into it
             torch.save(state, os.path.join(path, STATE_FILE.format(rank=self.args.process_index)))
 
         def _vcas_load(self, checkpoint: str) -> None:
