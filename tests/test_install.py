@@ -156,3 +156,18 @@ def test_wheel_imports_with_torch_alone(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "torch-only ok" in result.stdout
     assert 'pip install "vcas-bench[bench]"' in result.stderr
+
+
+def test_the_method_and_integrations_import_no_framework():
+    """Here, where transformers, Lightning and Hydra are installed, importing the method and every
+    integration module loads none of them (they are imported when VcasTrainer / VcasCallback are used)."""
+    code = (
+        "import sys, vcas_bench.vcas, vcas_bench.integrations.loop, vcas_bench.integrations.hf, "
+        "vcas_bench.integrations.lightning\n"
+        "print(sorted(m for m in ('transformers', 'lightning', 'pytorch_lightning', 'hydra', 'omegaconf', "
+        "'datasets', 'accelerate') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"

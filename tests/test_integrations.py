@@ -139,3 +139,28 @@ def test_the_docs_show_the_recipes_as_tested():
     docs = (RECIPES.parent / "integrations.md").read_text()
     for path in sorted(RECIPES.glob("*.py")):
         assert f"```python\n{path.read_text()}```" in docs, f"{path.name} differs from docs/integrations.md"
+
+
+def test_lightning_folds_the_scheduled_batch(tmp_path):
+    """VcasConfig.plus(F=2) in Lightning: each phase's scheduled micro-batch returns the folded loss from
+    training_step (no forward; cost 0, as in the runner's accounting) and the method is restored after."""
+    import lightning as L
+
+    from vcas_bench.integrations.lightning import VcasCallback
+
+    vcas = VcasCallback(VcasConfig.plus(F=2))
+    trainer = L.Trainer(
+        max_steps=4,
+        accumulate_grad_batches=ACCUMULATE,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+        callbacks=[vcas],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    module = recipe("lightning_module").Classifier(tiny_bert())
+    trainer.fit(module, _loader(64))
+    _assert_schedule_ran(vcas.controller, steps=4)
+    assert "training_step" not in vars(module)
