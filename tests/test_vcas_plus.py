@@ -96,7 +96,7 @@ def test_nu_multiplier_approaches_beta_at_each_flip():
 
 
 def test_period_doubles_while_s_oscillates_and_halves_on_a_drift():
-    ctrl = _controller(F=2, F_max=8, alpha_max=0.08)
+    ctrl = _controller(F=2, F_max_factor=4, alpha_max=0.08)
     ctrl.s = 0.5
     ctrl.sampler.rho = [0.5, 0.5, 0.5]
     periods = []

@@ -1,3 +1,3 @@
-from vcas_bench.cli import main
+from vcas_bench.launch import main
 
 main()

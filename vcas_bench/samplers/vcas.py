@@ -43,17 +43,17 @@ class VcasSampler:
         fold_batch: bool = False
         alpha_max: float | None = None
         beta_min: float | None = None
-        F_max_factor: int | None = None  # adaptive period up to F_max_factor * F
+        F_max_factor: int | None = None  # adaptive period up to F_max_factor * F (VcasConfig's name too)
 
         def __post_init__(self) -> None:
             self.to_config(F=1 if self.F is None else self.F)  # range checks live in VcasConfig (F=0 too)
 
         def to_config(self, F: int, seed: int = 0) -> VcasConfig:
             fields = asdict(self)
-            tau, factor = fields.pop("tau"), fields.pop("F_max_factor")
+            tau = fields.pop("tau")
             fields["tau_act"] = tau if self.tau_act is None else self.tau_act
             fields["tau_w"] = tau if self.tau_w is None else self.tau_w
-            fields["F"], fields["F_max"] = F, (F * factor if factor else None)
+            fields["F"] = F
             return VcasConfig(**fields, seed=seed)
 
     def __init__(self, settings: Settings, seed: int = 0, reduce_fn: ReduceFn | None = None) -> None:
@@ -109,19 +109,23 @@ class VcasSampler:
         self.controller.load_state_dict(state)
 
 
+_PLUS = VcasConfig.plus()  # the one definition of the preset, shared with library users
+
+
 @SAMPLERS.register("vcas-plus")
 class VcasPlusSampler(VcasSampler):
-    """VCAS with the short-run improvements on (vcas_bench/vcas/README.md, "vcas-plus")."""
+    """VCAS with the short-run improvements on (vcas_bench/vcas/README.md, "vcas-plus"):
+    the defaults of :meth:`VcasConfig.plus`."""
 
     name = "vcas-plus"
 
     @dataclass
     class Settings(VcasSampler.Settings):
-        rho_ema: float = 0.0  # follow s at once: the EMA only adds lag once s converges in few phases
-        variance_subset: str = "rows"  # a variance pass skips 95% of the weight-gradient GEMMs
-        param_sample_ratio: float = 0.05  # 5% of the rows: 5% of the GEMM, entries correlated within a row
-        reuse_forward: bool = True
-        fold_batch: bool = True
-        alpha_max: float | None = 0.16
-        beta_min: float | None = 0.7
-        F_max_factor: int | None = 8
+        rho_ema: float = _PLUS.rho_ema  # follow s at once: the EMA only adds lag once s converges
+        variance_subset: str = _PLUS.variance_subset  # a variance pass skips 95% of the weight-gradient GEMMs
+        param_sample_ratio: float = _PLUS.param_sample_ratio  # 5% of the rows, correlated within a row
+        reuse_forward: bool = _PLUS.reuse_forward
+        fold_batch: bool = _PLUS.fold_batch
+        alpha_max: float | None = _PLUS.alpha_max
+        beta_min: float | None = _PLUS.beta_min
+        F_max_factor: int | None = _PLUS.F_max_factor

@@ -9,11 +9,12 @@ The backward pass is run on a random subset of the work, without bias:
 - a **controller** measures, every ``F`` steps, the extra variance each sampler adds against the SGD
   variance and moves the keep ratios so that ``V_act ≈ tau_act * V_s`` and ``V_w,l ≈ tau_w * V_s,l``.
 
-This package is the method alone (no trainer, Hydra or dataset code); see ``README.md`` beside it.
+This package is the method alone (torch only: no trainer, Hydra or dataset code); see ``README.md``
+beside it. ``vcas_bench.integrations`` drives it from a plain loop, HF ``Trainer`` or Lightning.
 """
 
 from vcas_bench.vcas.autograd import LinearSlot, RowSampler
-from vcas_bench.vcas.controller import PhaseStats, VcasConfig, VcasController
+from vcas_bench.vcas.controller import PhaseStats, VcasConfig, VcasController, VcasSummary
 from vcas_bench.vcas.flops import interval_cost_ratio, keep_ratio_cost, phase_cost_ratio, step_cost_ratio
 from vcas_bench.vcas.sampling import (
     bernoulli_keep,
@@ -24,11 +25,12 @@ from vcas_bench.vcas.sampling import (
     row_norms,
     soft_topk,
 )
-from vcas_bench.vcas.wrap import SampledLinear, Wrapped, find_blocks, unwrap, wrap
+from vcas_bench.vcas.wrap import SampledLinear, Wrapped, auto_block_type, find_blocks, unwrap, wrap
 
 __all__ = [
-    "VcasConfig", "VcasController", "PhaseStats", "RowSampler", "LinearSlot", "SampledLinear", "Wrapped",
-    "wrap", "unwrap", "find_blocks", "soft_topk", "bernoulli_keep", "row_norms", "find_top_sum",
+    "VcasConfig", "VcasController", "PhaseStats", "VcasSummary", "RowSampler", "LinearSlot", "SampledLinear",
+    "Wrapped", "wrap", "unwrap", "find_blocks", "auto_block_type", "soft_topk", "bernoulli_keep", "row_norms",
+    "find_top_sum",
     "monotone_envelope", "leverage_variance", "leverage_sample_matmul", "step_cost_ratio",
     "phase_cost_ratio", "interval_cost_ratio", "keep_ratio_cost",
 ]

@@ -14,6 +14,11 @@ subset of their entries or rows); the controller then moves
 - ``rho <- ema * rho + (1 - ema) * envelope(p(s_new))``                   (Eq. 4 at the *new* s)
 - ``nu_l <- nu_l / beta`` if ``V_w,l > tau_w * V_s,l`` else ``nu_l * beta``, clamped to (0, 1].
   A model without sampled linears (a CNN: activation-only VCAS) has no ``nu`` and no ``V_w``.
+
+Counting: ``F`` counts optimizer steps, costs count micro-batches. Under gradient accumulation call
+:meth:`VcasController.count_step` once per micro-batch (its backward), never once per optimizer step:
+the phase's cost is in micro-batch units, so the ratio is the runner's. ``vcas_bench.integrations``
+does all of this (and the fold) for a plain loop, HF ``Trainer`` and Lightning.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from vcas_bench.vcas.sampling import monotone_envelope
 from vcas_bench.vcas.variance import LossFn, VarianceEstimator
 from vcas_bench.vcas.wrap import Wrapped, unwrap, wrap
 
-__all__ = ["VcasConfig", "VcasController", "PhaseStats"]
+__all__ = ["VcasConfig", "VcasController", "PhaseStats", "VcasSummary"]
 
 
 @dataclass
@@ -50,12 +55,21 @@ class VcasConfig:
     # each weight, so a variance pass computes only those rows of the weight-gradient GEMM.
     variance_subset: str = "entries"
     seed: int = 0
-    # Beyond the paper, all off by default (the runner's `vcas-plus` preset turns them on):
+    # Beyond the paper, all off by default (VcasConfig.plus() and the runner's `vcas-plus` turn them on):
     reuse_forward: bool = False  # one forward per variance batch; its exact and SampleA backwards share it
     fold_batch: bool = False  # the scheduled batch is the phase's first batch; its exact gradient is kept
     alpha_max: float | None = None  # s step starts here and halves at every sign flip, down to alpha
     beta_min: float | None = None  # per-linear nu multiplier starts here, moves halfway to beta at each flip
-    F_max: int | None = None  # adaptive period: doubles (to F_max) while s oscillates, halves on a drift
+    # Adaptive period: doubles (up to F_max_factor * F) while s oscillates, halves on a drift.
+    F_max_factor: int | None = None
+
+    @classmethod
+    def plus(cls, **overrides) -> VcasConfig:
+        """The ``vcas-plus`` preset (``README.md``, "vcas-plus"), shared by the runner's
+        ``sampler=vcas-plus`` and the library; ``overrides`` set any field (``F=50``, ``tau_act=0.05``)."""
+        preset = dict(rho_ema=0.0, variance_subset="rows", param_sample_ratio=0.05, reuse_forward=True,
+                      fold_batch=True, alpha_max=0.16, beta_min=0.7, F_max_factor=8)
+        return cls(**{**preset, **overrides})
 
     def __post_init__(self) -> None:
         checks = {
@@ -64,7 +78,7 @@ class VcasConfig:
             "rho_ema": 0 <= self.rho_ema < 1, "param_sample_ratio": 0 < self.param_sample_ratio <= 1,
             "alpha_max": self.alpha_max is None or self.alpha <= self.alpha_max <= 1,
             "beta_min": self.beta_min is None or 0 < self.beta_min <= self.beta,
-            "F_max": self.F_max is None or self.F_max >= self.F,
+            "F_max_factor": self.F_max_factor is None or self.F_max_factor >= 1,
             "variance_subset": self.variance_subset in ("entries", "rows"),
         }
         bad = [name for name, ok in checks.items() if not ok]
@@ -99,23 +113,42 @@ class PhaseStats:
         }
 
 
+@dataclass
+class VcasSummary:
+    """What VCAS wrapped and where it stands (for logs and for checking a new architecture)."""
+
+    block_type: str
+    blocks: int
+    sampled_linears: int
+    exact_linear_like: list[str]  # linear-like layers inside the blocks left exact (no SampleW)
+    steps: int  # micro-batches counted
+    phases: int
+    s: float
+    rho_mean: float
+    nu_mean: float  # nan: no SampleW (activation-only)
+    F_now: int  # the current adaptation period, in optimizer steps
+    analytic_flops_ratio: float
+
+
 class VcasController:
     """Wraps a model for VCAS and adapts its keep ratios.
 
-    Usage from any training loop::
+    Usage from any training loop (``vcas_bench.integrations.loop.VcasLoop`` does this for you)::
 
-        vcas = VcasController(model, "BertLayer", VcasConfig(F=100))
-        for step, batch in enumerate(loader):
-            if vcas.should_adapt(step):
-                vcas.adapt(loss_fn, [next(extra) for _ in range(vcas.config.M)], step)
-            loss_fn(batch).backward()          # sampled backward at the current rho / nu
+        vcas = VcasController(model)                       # block_type="auto", VcasConfig()
+        for step in range(steps):                           # optimizer steps
+            for micro, batch in enumerate(micro_batches()):
+                vcas.adapt_if_due(step, loss_fn, batch, lambda: next(extra))
+                loss = vcas.folded_loss()                   # set only with fold_batch, right after a phase
+                (loss if loss is not None else loss_fn(batch)).div(accumulate).backward()
+                vcas.count_step(0.0 if loss is not None else None)   # per micro-batch
             optimizer.step(); optimizer.zero_grad()
-            vcas.count_step()
     """
 
-    def __init__(self, model: nn.Module, block_type: type | str, config: VcasConfig | None = None,
+    def __init__(self, model: nn.Module, block_type: type | str = "auto", config: VcasConfig | None = None,
                  reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        """``reduce_fn`` (data parallel): the mean of a 1-D float64 tensor over all ranks. Each rank then
+        """``block_type``: the repeated block's class or class name, or ``"auto"`` (wrap.auto_block_type).
+        ``reduce_fn`` (data parallel): the mean of a 1-D float64 tensor over all ranks. Each rank then
         estimates from its own batches and every rank takes the same decision from the averaged
         estimates; ranks keep their own generators (seed them differently) for independent draws."""
         self.config = config or VcasConfig()
@@ -134,6 +167,7 @@ class VcasController:
         self.direction = 0  # sign of the last s move
         self.F_now = cfg.F
         self.next_phase = 0
+        self.last_phase_step: int | None = None  # should_adapt is false again once its step's phase ran
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.variance = VarianceEstimator(self.wrapped, self.config, self.generator, self.params, reduce_fn)
 
@@ -146,11 +180,31 @@ class VcasController:
     def nu(self) -> list[float]:
         return [slot.nu for slot in self.sampler.linears]
 
+    @property
+    def F_max(self) -> int | None:
+        """The longest adaptive period, ``F_max_factor * F`` (None: the period stays ``F``)."""
+        factor = self.config.F_max_factor
+        return None if factor is None else factor * self.config.F
+
     def should_adapt(self, step: int) -> bool:
-        """Algorithm 1 adapts at steps 0, F, 2F, ...; with ``F_max``, ``F_now`` steps after the last phase."""
-        if self.config.F_max is None:
+        """Algorithm 1 adapts before optimizer steps 0, F, 2F, ...; with ``F_max_factor``, ``F_now`` steps
+        after the last phase. False once that step's phase ran (asked again by a later micro-batch)."""
+        if step == self.last_phase_step:
+            return False
+        if self.F_max is None:
             return step % self.config.F == 0
         return step >= self.next_phase
+
+    def adapt_if_due(self, step: int, loss_fn: LossFn, batch: Any, next_batch: Callable[[], Any]
+                     ) -> PhaseStats | None:
+        """The phase of optimizer step ``step`` if it is due: on ``M`` batches from ``next_batch()``, or
+        with ``fold_batch`` on ``batch`` (the scheduled one) and ``M - 1`` of them. Then
+        :meth:`folded_loss` holds ``batch``'s exact gradient: backpropagate it instead of a sampled loss."""
+        if not self.should_adapt(step):
+            return None
+        fold = self.config.fold_batch
+        batches = [batch] * fold + [next_batch() for _ in range(self.config.M - fold)]
+        return self.adapt(loss_fn, batches, step)
 
     def step_cost(self) -> float:
         """Analytic FLOPs of one training step at the current rho / nu, relative to exact (method §9)."""
@@ -166,7 +220,11 @@ class VcasController:
             (1 - weight_fraction) / 3 if rows and cfg.fold_batch else 0.0)
 
     def count_step(self, cost: float | None = None) -> None:
-        """Record one training step for the analytic FLOPs ratio (``cost`` overrides the sampled one)."""
+        """Record one micro-batch's backward for the analytic FLOPs ratio (``cost`` overrides the sampled
+        one: 0 for a folded micro-batch, whose work is the phase's)."""
+        if self.variance.folded is not None:
+            raise RuntimeError("fold_batch: the last phase computed this batch's exact gradient and nobody "
+                               "applied it; backpropagate vcas.folded_loss() (or take_folded()) first")
         self.steps += 1
         self.cost_units += self.step_cost() if cost is None else cost
 
@@ -174,6 +232,24 @@ class VcasController:
         """With ``fold_batch``: the loss and full gradient (over ``self.params``) of the last phase's
         first batch, once; the caller uses it as that step's update instead of a sampled backward."""
         return self.variance.take_folded()
+
+    def folded_loss(self, grad_mean_fn: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
+                    ) -> torch.Tensor | None:
+        """With ``fold_batch``, right after a phase: a scalar loss tensor (the scheduled batch's loss)
+        whose backward adds ``grad_output *`` that batch's exact gradient to every parameter, so any
+        scaling (``1 / accumulate``, a GradScaler) and DDP's gradient hooks apply as to a real loss.
+        ``grad_mean_fn`` averages the gradients over ranks first (when no DDP forward will sync them).
+        None when there is nothing to fold."""
+        folded = self.take_folded()
+        if folded is None:
+            return None
+        value, grads = folded
+        if grad_mean_fn is not None:
+            present = [g for g in grads if g is not None]
+            means = iter(grad_mean_fn(present))
+            grads = [None if g is None else next(means) for g in grads]
+        device = self.params[0].device
+        return _FoldedLoss.apply(torch.tensor(value, device=device), grads, *self.params)
 
     def analytic_flops_ratio(self) -> float:
         """Analytic FLOPs spent so far relative to exact training of the same steps (docs/method.md §9)."""
@@ -183,10 +259,15 @@ class VcasController:
         return unwrap(self.wrapped)
 
     def adapt(self, loss_fn: LossFn, batches: Iterable[Any], step: int = 0) -> PhaseStats:
-        """Run one variance phase on ``M`` batches and update s, rho and nu."""
+        """Run one variance phase on ``M`` batches and update s, rho and nu. ``loss_fn(batch)`` returns
+        the batch's mean loss as a scalar tensor; with ``fold_batch``, ``batches[0]`` is the scheduled one."""
         batches = list(batches)
         if len(batches) != self.config.M:
             raise ValueError(f"adapt needs M={self.config.M} batches, got {len(batches)}")
+        if self.variance.folded is not None:
+            raise RuntimeError("fold_batch: the previous phase's folded gradient was never applied; "
+                               "backpropagate vcas.folded_loss() on the step after each phase")
+        loss_fn = _checked_loss_fn(loss_fn)
         cost = self.phase_cost()
         self.cost_units += cost
         candidates = {sign: min(max(self.s + sign * self._s_step(sign), 0.0), 1.0) for sign in (+1, -1)}
@@ -194,7 +275,17 @@ class VcasController:
         self._update(stats, step, cost)
         self.phases += 1
         self.next_phase = step + self.F_now
+        self.last_phase_step = step
         return self.history[-1]
+
+    def summary(self) -> VcasSummary:
+        """What was wrapped, what was left exact, and the current schedule."""
+        nu = self.nu
+        return VcasSummary(
+            block_type=self.wrapped.block_type, blocks=self.sampler.num_blocks, sampled_linears=len(nu),
+            exact_linear_like=list(self.wrapped.exact_linear_like), steps=self.steps, phases=self.phases,
+            s=self.s, rho_mean=sum(self.rho) / len(self.rho), nu_mean=sum(nu) / len(nu) if nu else math.nan,
+            F_now=self.F_now, analytic_flops_ratio=self.analytic_flops_ratio())
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -203,6 +294,7 @@ class VcasController:
             "generator": self.generator.get_state(), "history": [asdict(h) for h in self.history],
             "alpha_now": self.alpha_now, "beta_now": self.beta_now, "nu_direction": self.nu_direction,
             "direction": self.direction, "F_now": self.F_now, "next_phase": self.next_phase,
+            "last_phase_step": self.last_phase_step,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -215,6 +307,7 @@ class VcasController:
         self.history = [PhaseStats(**h) for h in state["history"]]
         for key in ("alpha_now", "beta_now", "nu_direction", "direction", "F_now", "next_phase"):
             setattr(self, key, state[key])
+        self.last_phase_step = state.get("last_phase_step")  # absent in checkpoints of earlier versions
 
     # -- updates -------------------------------------------------------------------------------
     def _update(self, est: dict[str, Any], step: int, cost: float) -> None:
@@ -251,13 +344,13 @@ class VcasController:
         return max(self.config.alpha, self.alpha_now / 2) if self._flips(direction) else self.alpha_now
 
     def _adapt_period(self, direction: int) -> None:
-        """With ``F_max``: oscillating around the target, the schedule is settled, adapt half as often;
+        """With ``F_max_factor``: oscillating around the target, the schedule is settled, adapt half as often;
         moving the same way again, twice as often (down to ``F``). Halving rather than resetting: one
         same-way move is as often noise in the M-batch estimate as a drift, and a real drift keeps
         moving the same way, so it is back at the base rate within log2(F_max / F) phases."""
         cfg = self.config
-        if cfg.F_max is not None and self.direction != 0:
-            grown = min(cfg.F_max, 2 * self.F_now)
+        if self.F_max is not None and self.direction != 0:
+            grown = min(self.F_max, 2 * self.F_now)
             self.F_now = grown if self._flips(direction) else max(cfg.F, self.F_now // 2)
 
     def _nu_multiplier(self, i: int, direction: int) -> float:
@@ -274,3 +367,33 @@ class VcasController:
         for slot in self.sampler.linears:
             per_block[slot.block].append(slot.nu)
         return per_block
+
+
+class _FoldedLoss(torch.autograd.Function):
+    """Forward: the folded batch's loss value; backward: ``grad_output *`` its stored exact gradient."""
+
+    @staticmethod
+    def forward(ctx, loss: torch.Tensor, grads: list[torch.Tensor | None], *params: torch.Tensor):
+        ctx.grads = grads
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grads = [None if g is None else (g * grad_output).to(g.dtype) for g in ctx.grads]
+        ctx.grads = None
+        return None, None, *grads
+
+
+def _checked_loss_fn(loss_fn: LossFn) -> LossFn:
+    """``loss_fn`` that fails in one line unless it returns a scalar tensor (not logits, a float, a tuple)."""
+
+    def checked(batch: Any) -> torch.Tensor:
+        loss = loss_fn(batch)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            is_tensor = isinstance(loss, torch.Tensor)
+            got = f"a tensor of shape {tuple(loss.shape)}" if is_tensor else type(loss).__name__
+            raise TypeError(f"VCAS loss_fn(batch) must return the batch's mean loss as a scalar tensor; "
+                            f"got {got}")
+        return loss
+
+    return checked

@@ -150,19 +150,20 @@ class VarianceEstimator:
         if not by_rows:
             return [g.detach().flatten()[e].float() for g, e in zip(grads, probes)]
         done = len(probed)  # the linears' probed rows; the rest are cut from full gradients
-        rest = [g.detach()[rows].flatten().float() for g, rows in zip(grads[done:], probes[done:])]
+        rest = [self.wrapped.rows_view(w, g.detach())[rows].flatten().float()
+                for w, g, rows in zip(weights[done:], grads[done:], probes[done:])]
         return [p.detach().flatten().float() for p in probed] + rest
 
     def probe_subset(self, weight: torch.Tensor) -> torch.Tensor:
         """This phase's random subset: flat entry indices, or output-row indices with ``rows``."""
         if self.config.variance_subset == "rows":
-            return self._random_subset(weight.shape[0], weight.device)
+            return self._random_subset(self.wrapped.output_rows(weight), weight.device)
         return self._random_subset(weight.numel(), weight.device)
 
     def _probe_fraction(self, weight: torch.Tensor, probe: torch.Tensor) -> float:
         """The fraction of the weight's entries a probe covers (the paper rescales by its nominal 1%)."""
         if self.config.variance_subset == "rows":
-            return len(probe) / weight.shape[0]
+            return len(probe) / self.wrapped.output_rows(weight)
         return self.config.param_sample_ratio
 
     def _random_subset(self, n: int, device: torch.device) -> torch.Tensor:

@@ -1,23 +1,31 @@
-"""Wrap any model for VCAS given its repeated block type, and unwrap it again.
+"""Wrap any model for VCAS given its repeated block type (or ``"auto"``), and unwrap it again.
 
 Wrapping never renames anything: each block gets a forward hook that routes its output through
 :class:`~vcas_bench.vcas.autograd.SampleActivation`, and each ``nn.Linear`` inside a block has its
 class switched to :class:`SampledLinear`, which keeps the very same ``weight``/``bias`` parameters.
-So ``state_dict()`` keys, optimizers built before wrapping, and checkpoints stay valid.
+HF ``transformers``' ``Conv1D`` (GPT-2's linears, weight stored ``(in, out)``) keeps its class and gets
+a sampled ``forward`` on the instance. So ``state_dict()`` keys, optimizers built before wrapping,
+and checkpoints stay valid.
 
-Only ``nn.Linear`` is switched: convolutions and everything else keep their own backward, so a CNN
-(whose blocks hold no linear) gets SampleA at block outputs and no SampleW ("activation-only").
+Convolutions and everything else keep their own backward, so a CNN (whose blocks hold no linear) gets
+SampleA at block outputs and no SampleW ("activation-only"). Linear-like layers left exact inside the
+blocks (1x1 convolutions, ``nn.Linear`` subclasses such as ``MultiheadAttention.out_proj``, which
+its owner calls through its weight, not its ``forward``) are listed in a warning and in
+:attr:`Wrapped.exact_linear_like`.
 
 Assumptions: dimension 0 of every block input/output is the batch, and blocks are taken in module
-order, which must be their forward order (true for BERT/ViT encoders, timm's ``blocks`` and ResNet
-stages). Layers that mix batch rows (BatchNorm in train mode) are allowed: SampleA stays unbiased
-because everything below a block output is linear in its gradient, and a sampled linear decides which
-rows to skip from its *own* output gradient, which is exactly zero only where skipping changes nothing
-(see ``README.md``, "CNNs and BatchNorm").
+order, which must be their forward order (true for BERT/ViT encoders, timm's ``blocks``, ResNet
+stages, decoder-only stacks, and T5's encoder then decoder). Layers that mix batch rows (BatchNorm in
+train mode) are allowed: SampleA stays unbiased because everything below a block output is linear in
+its gradient, and a sampled linear decides which rows to skip from its *own* output gradient, which is
+exactly zero only where skipping changes nothing (see ``README.md``, "CNNs and BatchNorm").
 """
 
 from __future__ import annotations
 
+import types
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +33,7 @@ from torch import nn
 
 from vcas_bench.vcas.autograd import LinearSlot, RowSampler, SampleActivation, SampledLinearFunction
 
-__all__ = ["SampledLinear", "Wrapped", "wrap", "unwrap", "find_blocks"]
+__all__ = ["SampledLinear", "Wrapped", "wrap", "unwrap", "find_blocks", "auto_block_type"]
 
 
 class SampledLinear(nn.Linear):
@@ -38,6 +46,17 @@ class SampledLinear(nn.Linear):
         return SampledLinearFunction.apply(x, self.weight, self.bias, self._vcas_sampler, self._vcas_slot)
 
 
+def _sampled_conv1d_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """HF ``Conv1D`` is ``x @ W + b`` with ``W (in, out)``: the same linear on the transposed view."""
+    return SampledLinearFunction.apply(x, self.weight.t(), self.bias, self._vcas_sampler, self._vcas_slot)
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """``transformers.pytorch_utils.Conv1D``, recognised without importing transformers."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
 @dataclass
 class Wrapped:
     """What :func:`wrap` did to a model, so that :func:`unwrap` can undo it."""
@@ -45,8 +64,10 @@ class Wrapped:
     model: nn.Module
     sampler: RowSampler
     block_names: list[str]
-    linear_modules: list[nn.Linear]
+    linear_modules: list[nn.Module]  # nn.Linear switched to SampledLinear, or HF Conv1D
     hooks: list = field(default_factory=list)
+    block_type: str = ""
+    exact_linear_like: list[str] = field(default_factory=list)  # linear-like layers in blocks left exact
 
     @property
     def linear_weights(self) -> list[torch.Tensor]:
@@ -66,9 +87,48 @@ class Wrapped:
                     others.append(param)
         return [*self.linear_weights, *others]
 
+    def output_rows(self, weight: torch.Tensor) -> int:
+        """Output features of ``weight``: its rows, or its columns for a ``Conv1D`` (stored ``(in, out)``)."""
+        return weight.shape[1] if self._stored_transposed(weight) else weight.shape[0]
+
+    def rows_view(self, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """``grad`` of ``weight`` with output features as rows (a transposed view for ``Conv1D``)."""
+        return grad.t() if self._stored_transposed(weight) else grad
+
+    def _stored_transposed(self, weight: torch.Tensor) -> bool:
+        return any(m.weight is weight and is_hf_conv1d(m) for m in self.linear_modules)
+
+
+def auto_block_type(model: nn.Module) -> type:
+    """The class of the repeated block: the one with most instances (at least two) as children of
+    ``nn.ModuleList`` / ``nn.Sequential`` containers that hold modules of a single class (torch's own
+    layers excluded). T5's encoder and decoder ``T5Block`` lists count together; Swin's per-stage layer
+    lists add up past its stage list; ResNet's stage ``Sequential`` s give its ``BasicBlock`` s."""
+    counts: Counter[type] = Counter()
+    for container in model.modules():
+        if not isinstance(container, (nn.ModuleList, nn.Sequential)) or len(container) == 0:
+            continue
+        kinds = {type(child) for child in container}
+        kind = next(iter(kinds))
+        if len(kinds) == 1 and not kind.__module__.startswith("torch.nn"):
+            counts[kind] += len(container)
+    counts = Counter({kind: n for kind, n in counts.items() if n >= 2})
+    if not counts:
+        raise ValueError(f"block_type='auto' found no list of repeated blocks in {type(model).__name__}; "
+                         "pass block_type=<the block class or its name>")
+    ranked = counts.most_common()
+    if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
+        tied = ", ".join(k.__name__ for k, n in ranked if n == ranked[0][1])
+        raise ValueError(f"block_type='auto' is ambiguous in {type(model).__name__}: {tied} repeat "
+                         f"{ranked[0][1]} times each; pass block_type=<one of them>")
+    return ranked[0][0]
+
 
 def find_blocks(model: nn.Module, block_type: type | str) -> list[tuple[str, nn.Module]]:
-    """All modules of ``block_type`` (a class or a class name), in module order."""
+    """All modules of ``block_type`` (a class, a class name, or ``"auto"``), in module order."""
+    if block_type == "auto":
+        block_type = auto_block_type(model)
+
     def matches(m: nn.Module) -> bool:
         return type(m).__name__ == block_type if isinstance(block_type, str) else isinstance(m, block_type)
 
@@ -89,32 +149,62 @@ def _block_output_hook(sampler: RowSampler, index: int):
     return hook
 
 
-def wrap(model: nn.Module, block_type: type | str, generator: torch.Generator | None = None) -> Wrapped:
-    """Insert SampleA at each block output and SampleW into each ``nn.Linear`` inside the blocks."""
-    if any(isinstance(m, SampledLinear) for m in model.modules()):
+def _is_linear_like(module: nn.Module) -> bool:
+    """A layer whose weight gradient is one GEMM that SampleW could sample, but which wrap leaves exact."""
+    if isinstance(module, nn.Linear):
+        return type(module) is not nn.Linear  # a subclass: its owner may bypass forward
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return all(k == 1 for k in module.kernel_size) and module.groups == 1
+    return False
+
+
+def _switch(module: nn.Module, sampler: RowSampler, slot: LinearSlot) -> None:
+    """Route ``module``'s forward through the sampled linear, keeping its parameters and hooks."""
+    if is_hf_conv1d(module):
+        module.forward = types.MethodType(_sampled_conv1d_forward, module)
+    else:
+        module.__class__ = SampledLinear
+    module._vcas_sampler, module._vcas_slot = sampler, slot
+
+
+def wrap(model: nn.Module, block_type: type | str = "auto", generator: torch.Generator | None = None
+         ) -> Wrapped:
+    """Insert SampleA at each block output and SampleW into each ``nn.Linear`` / HF ``Conv1D`` inside the
+    blocks; warn about linear-like layers that stay exact."""
+    if any(hasattr(m, "_vcas_slot") for m in model.modules()):
         raise ValueError("model is already wrapped; unwrap it first")
     blocks = find_blocks(model, block_type)
     sampler = RowSampler(num_blocks=len(blocks), generator=generator or torch.Generator())
-    wrapped = Wrapped(model=model, sampler=sampler, block_names=[n for n, _ in blocks], linear_modules=[])
+    wrapped = Wrapped(model=model, sampler=sampler, block_names=[n for n, _ in blocks], linear_modules=[],
+                      block_type=type(blocks[0][1]).__name__)
     for index, (block_name, block) in enumerate(blocks):
         wrapped.hooks.append(block.register_forward_hook(_block_output_hook(sampler, index)))
         for name, module in block.named_modules():
-            if type(module) is nn.Linear:
-                slot = LinearSlot(name=f"{block_name}.{name}", block=index)
+            full_name = f"{block_name}.{name}"
+            if type(module) is nn.Linear or is_hf_conv1d(module):
+                slot = LinearSlot(name=full_name, block=index)
                 sampler.linears.append(slot)
-                # A class switch keeps the same Parameter objects, names and any hooks on the module.
-                module.__class__ = SampledLinear
-                module._vcas_sampler, module._vcas_slot = sampler, slot
+                _switch(module, sampler, slot)
                 wrapped.linear_modules.append(module)
+            elif _is_linear_like(module):
+                wrapped.exact_linear_like.append(full_name)
+    if wrapped.exact_linear_like:
+        names = wrapped.exact_linear_like
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        warnings.warn(f"VCAS leaves {len(names)} linear-like layer(s) inside the blocks exact (no SampleW): "
+                      f"{shown}", stacklevel=2)
     return wrapped
 
 
 def unwrap(wrapped: Wrapped) -> nn.Module:
-    """Remove the hooks and restore plain ``nn.Linear`` modules; returns the model."""
+    """Remove the hooks and restore plain ``nn.Linear`` / ``Conv1D`` modules; returns the model."""
     for handle in wrapped.hooks:
         handle.remove()
     for module in wrapped.linear_modules:
-        module.__class__ = nn.Linear
+        if is_hf_conv1d(module):
+            del module.forward
+        else:
+            module.__class__ = nn.Linear
         del module._vcas_sampler, module._vcas_slot
     wrapped.hooks.clear()
     return wrapped.model
