@@ -389,3 +389,15 @@ def test_sigint_and_a_second_writer(tmp_path, monkeypatch, capsys):
     )
     assert load_checkpoint(Path(status["last_checkpoint"]))["step"] == status["step"]
     assert not (out / "exact" / "metrics.json").exists()
+
+
+def test_a_model_path_may_name_a_weights_file(tmp_path):
+    """timm loads a single ``model.safetensors``: ``model.args.path`` accepts a file as well as a folder."""
+    from vcas_bench.rules import directory, existing_path
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    assert existing_path().problem("model.args.path", str(weights)) is None
+    assert existing_path().problem("model.args.path", str(tmp_path)) is None
+    assert "existing file or directory" in existing_path().problem("model.args.path", str(tmp_path / "no"))
+    assert directory().problem("task.args.data_dir", str(weights)) is not None

@@ -18,7 +18,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from vcas_bench.rules import Rule, choice, directory, flag, integer, number, show, type_rule
+from vcas_bench.rules import Rule, choice, directory, existing_path, flag, integer, number, show, type_rule
 
 
 @dataclass
@@ -142,7 +142,7 @@ ARG_RULES: dict[str, Rule] = {
     "eval_size": integer(1, null="every row"),
     "max_length": integer(2),  # room for [CLS] and [SEP]
     "data_dir": directory(null="the hub's copy"),
-    "path": directory(null="the hub's checkpoint"),
+    "path": existing_path(null="the hub's checkpoint"),
     "tokenizer_path": directory(null="the packaged tokenizer"),
     "dropout": number(0, 1, open_high=True, null="the model's own"),
     "mlm_probability": number(0, 1, open_low=True, open_high=True),

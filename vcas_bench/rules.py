@@ -13,20 +13,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Rule", "choice", "directory", "flag", "integer", "number", "show", "text", "type_rule"]
+__all__ = [
+    "Rule", "choice", "directory", "existing_path", "flag", "integer", "number", "show", "text", "type_rule",
+]
 
 KIND_NAMES = {
     "integer": "an integer",
     "number": "a number",
     "flag": "true or false",
     "directory": "an existing directory",
+    "path": "an existing file or directory",
     "text": "a string",
 }
 
 
 @dataclass(frozen=True)
 class Rule:
-    kind: str  # integer | number | flag | choice | directory | text
+    kind: str  # integer | number | flag | choice | directory | path | text
     low: float | None = None
     high: float | None = None
     open_low: bool = False  # low itself is refused (> low)
@@ -48,14 +51,19 @@ class Rule:
             return isinstance(value, bool)
         if self.kind == "choice":
             return value in self.choices
-        if self.kind in ("text", "directory"):
-            return isinstance(value, str) and (self.kind == "text" or Path(value).expanduser().is_dir())
+        if self.kind in ("text", "directory", "path"):
+            return isinstance(value, str) and self._names_what_exists(Path(value).expanduser())
         numeric = isinstance(value, int) if self.kind == "integer" else isinstance(value, (int, float))
         if not numeric or isinstance(value, bool) or not math.isfinite(value):
             return False
         above = self.low is None or (value > self.low if self.open_low else value >= self.low)
         below = self.high is None or (value < self.high if self.open_high else value <= self.high)
         return above and below
+
+    def _names_what_exists(self, path: Path) -> bool:
+        if self.kind == "directory":
+            return path.is_dir()
+        return self.kind == "text" or path.exists()
 
     def allowed(self) -> str:
         what = "one of " + ", ".join(self.choices) if self.kind == "choice" else KIND_NAMES[self.kind]
@@ -96,6 +104,11 @@ def flag(null: str | None = None) -> Rule:
 
 def directory(null: str | None = None) -> Rule:
     return Rule("directory", null=null)
+
+
+def existing_path(null: str | None = None) -> Rule:
+    """A file or a folder (a weights file, or a checkpoint folder holding one)."""
+    return Rule("path", null=null)
 
 
 def text(null: str | None = None) -> Rule:
