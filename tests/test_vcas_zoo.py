@@ -1,5 +1,5 @@
 """Any architecture: ``block_type="auto"`` wraps a zoo of tiny models and the sampled backward stays
-unbiased on each (the statistic and bound of ``test_vcas_unbiased``; vcas-method.md §1.9).
+unbiased on each (the statistic and bound of ``test_vcas_unbiased``; docs/method.md §8).
 
 Zoo (random init, dropout 0, float64, batch 16): Llama (decoder-only, GQA), GPT-2 (HF ``Conv1D``
 linears: SampleW must reach them), T5 encoder-decoder (encoder then decoder blocks), Swin (stages of
