@@ -336,7 +336,8 @@ def _metrics(cfg, spec, result, device, total_steps, per_epoch, reference) -> di
             metrics["time_reduction"] = 1 - train_time / reference["train_time_s"]
         if flops["flops_total"] and reference.get("flops_total"):
             metrics["flops_reduction_measured"] = 1 - flops["flops_total"] / reference["flops_total"]
-        if metrics.get("flops_reduction_measured") and "time_reduction" in metrics:
+        # Only a real saving has a conversion: Time↓/FLOPs↓ of two negatives would read as a gain.
+        if metrics.get("flops_reduction_measured", 0.0) > 0 and "time_reduction" in metrics:
             conversion = metrics["time_reduction"] / metrics["flops_reduction_measured"]
             metrics["time_over_flops_reduction"] = conversion
     return metrics
