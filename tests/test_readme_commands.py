@@ -1,6 +1,7 @@
-"""Every command the README shows, run through the real CLI entry point (in this process) on stand-ins.
+"""Every command the README and the ``docs/`` pages show, run through the real CLI entry point (in this
+process) on stand-ins.
 
-The README's ``bash`` blocks and inline commands are parsed; each ``vcas-bench`` line runs as written,
+The pages' ``bash`` blocks and inline commands are parsed; each ``vcas-bench`` line runs as written,
 plus ``trainer.max_steps=2``, small train/eval caps, and the local stand-ins (``tests/standins.py``) in
 place of hub checkpoints, datasets and the README's ``/data``, ``/models`` placeholders. Sweeps (``-m``)
 run every job, two values of each swept setting other than task and model. Lines that need hardware or
@@ -33,7 +34,9 @@ from vcas_bench.models import MODEL_HUB_ASSETS
 from vcas_bench.models.bert import minilm_path
 from vcas_bench.tasks import TASK_HUB_ASSETS, TASKS, package_file
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]  # what users read and copy commands from
 PROGRAMS = ("vcas-bench", "torchrun", "python -m vcas_bench")
 COMPOSE_ONLY = ("trainer.device=cuda", "hydra/launcher=local", "hydra/launcher=slurm")
 # Offline tasks whose full size only slows a 2-step run down.
@@ -67,7 +70,9 @@ def _bash_lines(readme: str) -> list[str]:
 
 
 def _inline_commands(readme: str) -> list[str]:
-    return [c for c in re.findall(r"`(vcas-bench [^`]+)`", split_readme(readme)[1]) if "=" in c]
+    """Inline `vcas-bench ...` commands of the prose; abbreviated ones (with "...") only describe."""
+    found = re.findall(r"`(vcas-bench [^`]+)`", split_readme(readme)[1])
+    return [c for c in found if "=" in c and "..." not in c]
 
 
 def _command(text: str) -> Command | None:
@@ -212,7 +217,8 @@ def _check_outputs(run_dir: Path, cfg) -> None:
     assert (run_dir / "comparison.md").read_text().startswith("| sampler")
 
 
-COMMANDS = readme_commands(README.read_text())
+USER_DOCS = "\n".join(page.read_text() for page in PAGES)
+COMMANDS = readme_commands(USER_DOCS)
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[c.text for c in COMMANDS])
@@ -232,7 +238,7 @@ def test_readme_command(command: Command, standins, tmp_path, monkeypatch, capsy
         _check_outputs(Path(explicit_out) if explicit_out else default_dir, cfg)
 
 
-EXAMPLES = readme_error_examples(README.read_text())
+EXAMPLES = readme_error_examples(USER_DOCS)
 
 
 @pytest.mark.parametrize(("command", "output"), EXAMPLES, ids=[c for c, _ in EXAMPLES])
