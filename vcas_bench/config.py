@@ -177,6 +177,8 @@ SAMPLER_RULES: dict[str, dict[str, Rule]] = {
     "sb": {"beta": number(0), "history": integer(1),
            "fixed_ratio": number(0, 1, open_low=True, null="keep by loss percentile")},
     "ub": {"ratio": number(0, 1, open_low=True), "tau_th": number(0, null="always importance-sample")},
+    "infobatch": {"ratio": number(0, 1, open_high=True), "delta": number(0, 1),
+                  "epochs": number(0, open_low=True, null="the run's planned epochs")},
 }
 
 # The typed nodes of the composed config; their keys must be the schema's (a `+key=...` is refused too).

@@ -33,6 +33,9 @@ class LoopOptions:
     progress: bool = True
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: none); the last step is saved too
     stop_after: int | None = None  # end this process after that many steps (checkpointed), unfinished
+    # A data-level sampler (InfoBatch, short epochs): full-data optimizer steps per epoch. The run then
+    # ends when its epochs cover total_steps full-data steps, not after total_steps optimizer steps.
+    epoch_steps: int | None = None
 
 
 def train(
@@ -65,7 +68,7 @@ def train(
     bar = tqdm(total=options.total_steps, initial=started, desc=sampler.name, disable=not options.progress,
                dynamic_ncols=True)
     model.train()
-    while result.steps < options.total_steps:
+    while _budget_used(result, batches, options) < options.total_steps:
         step = result.steps
         micro: list[StepStats] = []
         for index in range(options.accumulate):
@@ -109,7 +112,7 @@ def train(
         bar.set_postfix(loss=f"{loss:.4f}", keep=f"{row['keep_ratio']:.2f}")
         # After each epoch (an accumulation window may end in the next one) and at the end.
         crossed = batches.epoch_done or batches.epoch != epoch
-        done = result.steps >= options.total_steps
+        done = _budget_used(result, batches, options) >= options.total_steps
         if crossed or done:
             epochs = batches.epoch + (batches.epoch_done or not crossed)  # a partial last epoch counts
             result.evals.append({"step": result.steps, "epoch": epochs, **evaluate()})
@@ -125,6 +128,13 @@ def train(
             break
     bar.close()
     return result
+
+
+def _budget_used(result: LoopResult, batches, options: LoopOptions) -> float:
+    """Optimizer steps taken, or with ``epoch_steps`` the full-data steps the epochs so far cover."""
+    if options.epoch_steps is None:
+        return result.steps
+    return batches.progress * options.epoch_steps + 1e-9  # float sums of epoch shares
 
 
 def _apply_update(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,

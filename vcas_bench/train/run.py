@@ -31,7 +31,7 @@ from vcas_bench.report.table import comparison_rows, markdown_table
 from vcas_bench.samplers import create_sampler
 from vcas_bench.tasks import TASK_MODALITIES, create_task
 from vcas_bench.train import build
-from vcas_bench.train.data import build_extra_stream, build_train_stream
+from vcas_bench.train.data import EpochPlanner, build_extra_stream, build_train_stream
 from vcas_bench.train.distributed import Dist, close_distributed, init_distributed
 from vcas_bench.train.glue_eval import glue_eval
 from vcas_bench.train.guard import OutputLock, StopSignals, write_status
@@ -164,7 +164,7 @@ def run_one(
     batch_size, accumulate = cfg.task.batch_size, cfg.trainer.accumulate
     total_steps, per_epoch = build.planned_steps(len(data.train) // dist.world, batch_size * accumulate,
                                                   cfg.task.epochs, cfg.trainer.max_steps)
-    state = _build_state(cfg, spec, bundle, data, total_steps, device, dist)
+    state = _build_state(cfg, spec, bundle, data, total_steps, per_epoch, device, dist)
     sampler, optim = state.sampler, cfg.model.optim
     if resumed is not None:
         state.load(resumed.checkpoint, rank=dist.rank, world=dist.world)
@@ -177,6 +177,7 @@ def run_one(
         flops_every=cfg.trainer.flops_every, progress=cfg.trainer.progress,
         time_detail=device.type == "cpu" if cfg.trainer.time_detail is None else cfg.trainer.time_detail,
         checkpoint_every=cfg.trainer.checkpoint_every, stop_after=cfg.trainer.stop_after,
+        epoch_steps=per_epoch if isinstance(sampler, EpochPlanner) else None,
     )
     save = Checkpointer(state, run_dir, spec["name"], keep=cfg.trainer.keep_checkpoints,
                         gather=dist.gather if dist.world > 1 else None, writer=dist.is_main,
@@ -245,17 +246,24 @@ def _check_data(cfg: DictConfig, data, world: int) -> None:
         raise UsageError("; ".join(problems))
 
 
-def _build_state(cfg: DictConfig, spec: dict[str, Any], bundle, data, total_steps: int,
+def _build_state(cfg: DictConfig, spec: dict[str, Any], bundle, data, total_steps: int, per_epoch: int,
                  device: torch.device, dist: Dist) -> TrainState:
     """Sampler, optimizer, schedule, data streams, meters and loss scaler of a fresh run."""
     optim, batch_size, model = cfg.model.optim, cfg.task.batch_size, bundle.model
     optimizer = build.build_optimizer(model, optim.name, optim.lr, optim.weight_decay, optim.momentum)
     block_type = cfg.model.block_type or bundle.block_type
+    sampler = _create_sampler(cfg, spec, model, block_type, total_steps, dist)
+    # A data-level sampler (InfoBatch) plans each epoch's rows: its run and schedule count epochs.
+    planner = sampler if isinstance(sampler, EpochPlanner) else None
+    batches = build_train_stream(data.train, batch_size, cfg.seed, dist.rank, dist.world, planner)
+    clock = None
+    if planner is not None:
+        planner.set_epochs(total_steps / per_epoch)
+        clock = lambda: batches.progress * per_epoch  # noqa: E731  (full-data steps done)
     return TrainState(
-        model=model, sampler=_create_sampler(cfg, spec, model, block_type, total_steps, dist),
-        optimizer=optimizer,
-        scheduler=build.build_scheduler(optimizer, optim.schedule, total_steps, optim.warmup_ratio),
-        batches=build_train_stream(data.train, batch_size, cfg.seed, dist.rank, dist.world),
+        model=model, sampler=sampler, optimizer=optimizer,
+        scheduler=build.build_scheduler(optimizer, optim.schedule, total_steps, optim.warmup_ratio, clock),
+        batches=batches,
         extra=build_extra_stream(_phase_rows(data), batch_size, cfg.seed, dist.rank, dist.world),
         result=LoopResult(timer=UnitTimer(device), flops=FlopMeter(cfg.trainer.flops_every)),
         scaler=build.build_grad_scaler(cfg.trainer.precision, device),
@@ -298,7 +306,8 @@ def final_train_loss(losses: list[float]) -> float:
 def _metrics(cfg, spec, result, device, total_steps, per_epoch, reference) -> dict[str, Any]:
     timer = result.timer
     train_time = timer.total()
-    analytic = result.analytic_cost / result.steps
+    # Over the planned steps (those of the exact run): a data-level sampler takes fewer steps than planned.
+    analytic = result.analytic_cost / total_steps
     flops = result.flops.totals()
     metrics = {
         "task": cfg.task.name, "model": cfg.model.name, "sampler": spec["name"], "seed": cfg.seed,
