@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -15,6 +15,9 @@ from vcas_bench.errors import RunDiverged
 from vcas_bench.samplers import LossFn, StepStats
 from vcas_bench.train.distributed import Dist
 from vcas_bench.train.state import Checkpointer, LoopResult, TrainState
+
+if TYPE_CHECKING:
+    from vcas_bench.train.monitor import VarianceMonitor
 
 __all__ = ["LoopOptions", "LoopResult", "train"]
 
@@ -47,12 +50,15 @@ def train(
     on_step: Callable[[dict[str, Any]], None] | None = None,
     dist: Dist | None = None,
     should_stop: Callable[[], bool] | None = None,
+    monitor: VarianceMonitor | None = None,
 ) -> LoopResult:
     """Train up to ``options.total_steps`` optimizer steps from wherever ``state`` stands.
 
     Evaluates after each epoch and at the end; calls ``save(step)`` every ``checkpoint_every`` steps, at
     the end, and before a ``stop_after`` stop or a ``should_stop()`` one (a signal, read once per step).
     Under ``dist`` (data parallel) gradients and the logged loss are averaged over ranks before the update.
+    A ``monitor`` measures the sampler's extra variance after the update of every ``every``-th step,
+    outside the timer's and the FLOP meter's units (its cost is its own).
     """
     dist = dist or Dist()
     model, sampler, optimizer, scheduler = state.model, state.sampler, state.optimizer, state.scheduler
@@ -108,6 +114,8 @@ def train(
         result.train_log.append(row)
         if on_step:
             on_step(row)
+        if monitor is not None and monitor.due(result.steps):  # after the update: .grad is clear
+            result.monitor_log.append(asdict(monitor.measure(result.steps, model, sampler, loss_fn)))
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", keep=f"{row['keep_ratio']:.2f}")
         # After each epoch (an accumulation window may end in the next one) and at the end.

@@ -36,6 +36,7 @@ from vcas_bench.train.distributed import Dist, close_distributed, init_distribut
 from vcas_bench.train.glue_eval import glue_eval
 from vcas_bench.train.guard import OutputLock, StopSignals, write_status
 from vcas_bench.train.loop import LoopOptions, train
+from vcas_bench.train.monitor import MonitorSettings, VarianceMonitor
 from vcas_bench.train.resume import (
     Resume,
     check_resume_target,
@@ -190,6 +191,7 @@ def run_one(
             options=options, save=save,
             on_step=_wandb_logger(cfg, spec["name"], run_dir) if dist.is_main else None, dist=dist,
             should_stop=stop.requested if stop is not None else None,
+            monitor=_build_monitor(cfg, data, cfg.model.block_type or bundle.block_type, total_steps, dist),
         )
     finally:
         sampler.detach()
@@ -214,6 +216,8 @@ def run_one(
     write_csv(run_dir / "train_log.csv", result.train_log)
     if result.phase_log:
         write_csv(run_dir / "sampler_log.csv", [_flatten(p) for p in result.phase_log])
+    if result.monitor_log:
+        write_csv(run_dir / "variance_log.csv", result.monitor_log)
     return metrics
 
 
@@ -282,6 +286,35 @@ def _create_sampler(cfg: DictConfig, spec: dict[str, Any], model, block_type: st
     return sampler
 
 
+def _build_monitor(cfg: DictConfig, data, block_type: str, total_steps: int, dist: Dist
+                   ) -> VarianceMonitor | None:
+    """The variance monitor when ``monitor.enabled``: the same steps and batches for every sampler."""
+    mon = cfg.monitor
+    if not mon.enabled:
+        return None
+    from vcas_bench.samplers.vcas import default_update_period
+
+    every = mon.every or cfg.task.vcas_F or default_update_period(total_steps)
+    settings = MonitorSettings(every=every, batches=mon.batches, draws=mon.draws,
+                               param_sample_ratio=mon.param_sample_ratio)
+    # The phases' rows: reading them draws no training randomness (c4's masks; docs of TaskData).
+    return VarianceMonitor(settings, _phase_rows(data), cfg.task.batch_size, block_type, cfg.seed + dist.rank)
+
+
+def monitor_summary(log: list[dict[str, Any]]) -> dict[str, Any]:
+    """The monitor's own cost (kept out of the sampler's time and FLOPs) and its mean readings."""
+    if not log:
+        return {}
+    timed = [r["time_s"] for r in log if math.isfinite(r["time_s"])]
+    counted = [r["flops"] for r in log if math.isfinite(r["flops"])]
+    mean = (lambda xs: sum(xs) / len(xs) if xs else None)
+    return {"monitor_measurements": len(log),
+            "monitor_time_s": mean(timed) * len(log) if timed else None,
+            "monitor_flops": mean(counted) * len(log) if counted else None,
+            "monitor_extra_over_V_s_mean": mean([r["extra_over_V_s"] for r in log]),
+            "monitor_bias_over_V_s_mean": mean([r["bias_over_V_s"] for r in log])}
+
+
 def _build_model_and_data(cfg: DictConfig):
     task_args = OmegaConf.to_container(cfg.task.args, resolve=True)
     model_args = OmegaConf.to_container(cfg.model.args, resolve=True)
@@ -331,6 +364,7 @@ def _metrics(cfg, spec, result, device, total_steps, per_epoch, reference) -> di
         "adapt_phases": len(result.phase_log),
         "vcas_F": result.phase_log[0].get("F") if result.phase_log else None,
         "experiment": cfg.get("name"),
+        **monitor_summary(result.monitor_log),
         **flops,
         "device": str(device),
         **peak_memory_mb(device),
