@@ -153,3 +153,30 @@ def test_monitor_cost_is_its_own_and_leaves_training_unchanged(make_cfg, tmp_pat
     assert [int(r["step"]) for r in rows] == [2, 4, 6, 8] and {r["sampler"] for r in rows} == {name}
     assert all(float(r["V_s"]) > 0 and float(r["V_extra"]) >= 0 for r in rows)
     assert "monitor_measurements" not in a and not (plain / name / "variance_log.csv").exists()
+
+
+def test_fig5_plot_of_every_sampler_is_written_from_a_run_folder(tmp_path):
+    """A synthetic comparison folder (five samplers' metrics.json and variance_log.csv, no other logs):
+    plot_comparison writes <name>_variance_monitor.png, a non-empty PNG, with τ taken from the VCAS run."""
+    import json
+
+    from vcas_bench.report.files import write_csv
+    from vcas_bench.report.plots import plot_comparison
+
+    steps = [10, 20, 30, 40]
+    levels = {"exact": 0.0, "sb": 0.8, "ub": 0.4, "infobatch": 0.05, "vcas": 0.025}
+    for sampler, level in levels.items():
+        run_dir = tmp_path / "runs" / sampler
+        run_dir.mkdir(parents=True)
+        settings = {"tau": 0.025, "tau_act": None, "tau_w": None} if sampler == "vcas" else {}
+        (run_dir / "metrics.json").write_text(json.dumps(
+            {"sampler": sampler, "task": "digits", "model": "vit-tiny", "steps": 40, "seed": 0,
+             "device": "cpu", "sampler_settings": settings}))
+        write_csv(run_dir / "variance_log.csv", [
+            {"step": s, "sampler": sampler, "V_s": 1.0, "V_extra": level * (1 + 0.1 * i),
+             "extra_over_V_s": level * (1 + 0.1 * i), "bias_z": 400.0 if sampler == "sb" else 1.0}
+            for i, s in enumerate(steps)])
+    written = plot_comparison(tmp_path / "runs", tmp_path / "figures", "toy")
+    path = tmp_path / "figures" / "toy_variance_monitor.png"
+    assert path in written
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
