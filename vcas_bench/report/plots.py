@@ -175,12 +175,15 @@ def plot_monitored_variance(runs: dict[str, dict[str, Any]], path: Path) -> Path
         return None
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
+    flagged = False
     for sampler, log in logs.items():
         line, = ax.plot(log["step"], log["extra_over_V_s"], marker="o", markersize=3, label=sampler)
-        if "bias_z" in log:
-            biased = log[log["bias_z"] > 10]
+        biased = log[log["bias_z"] > 10] if "bias_z" in log else log.iloc[:0]
+        if len(biased):
             ax.plot(biased["step"], biased["extra_over_V_s"], linestyle="none", marker="o", markersize=7,
-                    markerfacecolor="none", color=line.get_color())
+                    markerfacecolor="none", color=line.get_color(),
+                    label=None if flagged else "biased (bias_z > 10)")
+            flagged = True
     vcas = runs.get("vcas") or runs.get("vcas-plus")
     if vcas is not None:
         _tau_lines(ax, vcas["metrics"].get("sampler_settings") or {})
