@@ -72,6 +72,7 @@ class InfoBatchSampler:
         self.scores = torch.zeros(0)  # last recorded loss of every dataset row (float32)
         self.seen = torch.zeros(0, dtype=torch.bool)
         self.weights = torch.zeros(0)  # loss weight of every row in the current epoch's plan
+        self.candidates = torch.zeros(0, dtype=torch.bool)  # rows this epoch's plan could prune
         self.plan: list[int] | None = None
         self.plan_epoch_index: int | None = None
         self.pruned_fraction = 0.0  # of the current epoch's order
@@ -99,6 +100,7 @@ class InfoBatchSampler:
         rows = torch.tensor(order, dtype=torch.long)
         well = well_learned(self.scores, self.seen)
         kept = rows
+        self.candidates = well if self.prunes(epoch) else torch.zeros_like(well)
         if self.prunes(epoch):
             kept, weights = prune_plan(rows, well, self.settings.ratio, self.generator)
             if len(kept) >= min_rows:  # an epoch must hold a batch
@@ -129,14 +131,13 @@ class InfoBatchSampler:
         return StepStats(loss=float(values.mean()), keep_ratio=1.0, analytic_cost=1.0, extra=extra)
 
     def monitor_step(self, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> None:
-        """One of InfoBatch's draws on ``batch`` for the variance monitor: each row the current epoch
-        could prune is kept with probability ``1 - r`` and weighted by its inverse; the loss table and
-        the plan are untouched."""
+        """One of InfoBatch's draws on ``batch`` for the variance monitor: each row the current epoch's
+        plan could prune (well-learned when it was planned) is kept with probability ``1 - r`` and
+        weighted by its inverse; the loss table and the plan are untouched."""
         losses, _ = loss_fn(batch)
         index = batch["index"].cpu()
-        well = well_learned(self.scores, self.seen)[index]
-        r = self.settings.ratio if self.plan_epoch_index is not None and self.prunes(self.plan_epoch_index) \
-            else 0.0
+        r = self.settings.ratio
+        well = self.candidates[index] if len(self.candidates) else torch.zeros(len(index), dtype=torch.bool)
         pruned = well & (torch.rand(len(index), generator=self.generator) < r)
         weights = torch.where(pruned, 0.0, torch.where(well, 1.0 / (1.0 - r), 1.0))
         (losses * weights.to(losses.device, losses.dtype)).mean().backward()
@@ -152,6 +153,7 @@ class InfoBatchSampler:
 
     def state_dict(self) -> dict[str, Any]:
         return {"scores": self.scores.clone(), "seen": self.seen.clone(), "weights": self.weights.clone(),
+                "candidates": self.candidates.clone(),
                 "plan": None if self.plan is None else list(self.plan), "plan_epoch": self.plan_epoch_index,
                 "epochs": self.epochs, "pruned_fraction": self.pruned_fraction,
                 "well_learned_fraction": self.well_learned_fraction, "pruned_total": self.pruned_total,
@@ -159,7 +161,7 @@ class InfoBatchSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scores, self.seen = state["scores"].clone(), state["seen"].clone()
-        self.weights = state["weights"].clone()
+        self.weights, self.candidates = state["weights"].clone(), state["candidates"].clone()
         self.plan = None if state["plan"] is None else list(state["plan"])
         self.plan_epoch_index, self.epochs = state["plan_epoch"], state["epochs"]
         self.pruned_fraction = state["pruned_fraction"]
