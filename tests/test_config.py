@@ -73,7 +73,7 @@ def test_conf_groups_mirror_the_registries():
     [
         (["task=nope"], r"unknown task 'nope'; valid tasks: c4, cifar10, .*, rt-polarity, sst2"),
         (["model=gpt9"], r"unknown model 'gpt9'; valid models: .*minilm"),
-        (["sampler=magic"], r"unknown sampler 'magic'; valid samplers: exact, sb, ub, vcas"),
+        (["sampler=magic"], r"unknown sampler 'magic'; valid samplers: exact, infobatch, sb, ub, vcas"),
         (["model.optim.lr=-1"], r"model.optim.lr=-1: must be a number > 0"),
         (["sampler.foo=1"], r"sampler 'vcas' has no setting 'foo'; valid: tau, tau_act"),
         (["sampler=sb", "sampler.beta=-2"], r"sampler.beta=-2: must be a number >= 0"),

@@ -87,11 +87,23 @@ class TrainerConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """``monitor``: the variance monitor of any sampler (vcas_bench/train/monitor.py), off by default."""
+
+    enabled: bool = False
+    every: int | None = None  # steps between measurements; None: task.vcas_F, else min(500, steps/50)
+    batches: int = 2  # fresh batches per measurement (VCAS's M)
+    draws: int | None = None  # sampler draws per batch; None: as many as batches
+    param_sample_ratio: float = 0.01  # of the block weights' entries (VCAS's default)
+
+
+@dataclass
 class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: dict[str, Any] = field(default_factory=dict)  # name + the sampler's own settings
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     baselines: list[str] = field(default_factory=list)  # samplers run first, same seed and data
     seed: int = 0
     name: str | None = None  # the experiment's name, recorded in metrics.json
@@ -134,6 +146,11 @@ SETTING_RULES: dict[str, Rule] = {
     "trainer.checkpoint_every": integer(0),
     "trainer.keep_checkpoints": integer(1),
     "trainer.stop_after": integer(1, null="run to the end"),
+    "monitor.enabled": flag(),
+    "monitor.every": integer(1, null="task.vcas_F, else min(500, steps/50)"),
+    "monitor.batches": integer(2),  # a variance needs two batches
+    "monitor.draws": integer(2, null="as many as monitor.batches"),
+    "monitor.param_sample_ratio": number(0, 1, open_low=True),
 }
 
 # Builder keyword arguments (task.args, model.args) by name; others are checked against their annotation.
@@ -177,11 +194,14 @@ SAMPLER_RULES: dict[str, dict[str, Rule]] = {
     "sb": {"beta": number(0), "history": integer(1),
            "fixed_ratio": number(0, 1, open_low=True, null="keep by loss percentile")},
     "ub": {"ratio": number(0, 1, open_low=True), "tau_th": number(0, null="always importance-sample")},
+    "infobatch": {"ratio": number(0, 1, open_high=True), "delta": number(0, 1),
+                  "epochs": number(0, open_low=True, null="the run's planned epochs")},
 }
 
 # The typed nodes of the composed config; their keys must be the schema's (a `+key=...` is refused too).
 SCHEMA_NODES: dict[str, type] = {"": RunConfig, "task": TaskConfig, "task.glue_eval": GlueEvalConfig,
-                                 "model": ModelConfig, "model.optim": OptimConfig, "trainer": TrainerConfig}
+                                 "model": ModelConfig, "model.optim": OptimConfig, "trainer": TrainerConfig,
+                                 "monitor": MonitorConfig}
 
 
 def setting_names() -> list[str]:

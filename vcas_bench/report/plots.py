@@ -3,6 +3,8 @@
 - ``<name>_loss_vs_flops.png`` (Fig. 6): train loss of every sampler against normalised FLOPs, the
   cumulative cost (variance phases included) over the cost of the exact run; exact ends at 1.
 - ``<name>_variance.png`` (Fig. 5): VCAS's V_act/V_s and V_w/V_s per variance phase against τ_act, τ_w.
+- ``<name>_variance_monitor.png`` (Fig. 5 for every sampler): each run's extra variance over the SGD
+  variance from the variance monitor (``variance_log.csv``, ``monitor.enabled=true``), τ marked.
 - ``<name>_schedule.png`` (Fig. 11): s, ρ per block and ν per linear over training.
 
 Figures are ``matplotlib.figure.Figure`` objects, never pyplot: no global figure state, no backend switch.
@@ -22,10 +24,10 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 __all__ = ["moving_average", "normalised_flops", "plot_comparison", "plot_loss_vs_flops", "plot_schedule",
-           "plot_variance"]
+           "plot_variance", "plot_monitored_variance"]
 
 MEASURED_FLOPS_COLUMNS = ("flops_total", "flops")  # a per-step measured count in train_log.csv, if any
-METHOD_ORDER = ("exact", "sb", "ub", "vcas")
+METHOD_ORDER = ("exact", "sb", "ub", "infobatch", "vcas", "vcas-plus")
 
 
 def moving_average(values: pd.Series, window: int) -> pd.Series:
@@ -56,10 +58,12 @@ def _read_runs(folder: Path) -> dict[str, dict[str, Any]]:
         metrics = json.loads(path.read_text())
         train = path.parent / "train_log.csv"
         phases = path.parent / "sampler_log.csv"
+        monitored = path.parent / "variance_log.csv"
         runs[str(metrics.get("sampler", path.parent.name))] = {
             "metrics": metrics,
             "train_log": pd.read_csv(train) if train.exists() else None,
             "sampler_log": pd.read_csv(phases) if phases.exists() else None,
+            "variance_log": pd.read_csv(monitored) if monitored.exists() else None,
         }
     return dict(sorted(runs.items(), key=lambda kv: (_rank(kv[0]), kv[0])))
 
@@ -158,6 +162,42 @@ def plot_variance(run: dict[str, Any], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_monitored_variance(runs: dict[str, dict[str, Any]], path: Path) -> Path | None:
+    """Fig. 5 for every sampler: the monitor's V_extra / V_s over training, one line each, τ marked.
+
+    τ is the VCAS run's (``vcas``, else ``vcas-plus``); SB and UB have none to hold. Markers are hollow
+    where the monitor found the sampler biased (``bias_z`` > 10: the bias is far beyond its draws'
+    scatter), as SB is by design.
+    """
+    logs = {k: r["variance_log"] for k, r in runs.items() if r.get("variance_log") is not None
+            and {"step", "extra_over_V_s"} <= set(r["variance_log"].columns) and len(r["variance_log"])}
+    if not logs:
+        return None
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    flagged = False
+    for sampler, log in logs.items():
+        line, = ax.plot(log["step"], log["extra_over_V_s"], marker="o", markersize=3, label=sampler)
+        biased = log[log["bias_z"] > 10] if "bias_z" in log else log.iloc[:0]
+        if len(biased):
+            ax.plot(biased["step"], biased["extra_over_V_s"], linestyle="none", marker="o", markersize=7,
+                    markerfacecolor="none", color=line.get_color(),
+                    label=None if flagged else "biased (bias_z > 10)")
+            flagged = True
+    vcas = runs.get("vcas") or runs.get("vcas-plus")
+    if vcas is not None:
+        _tau_lines(ax, vcas["metrics"].get("sampler_settings") or {})
+    first = next(iter(runs.values()))["metrics"]
+    ax.set(xlabel="training step (monitor)", ylabel="extra variance / SGD variance",
+           title=_title(first, "Extra gradient variance of every sampler vs. τ (paper Fig. 5)"))
+    # The ratios span orders of magnitude and exact's is 0.
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def _indexed(log: pd.DataFrame, prefix: str) -> list[str]:
     """``rho_0, rho_1, ...`` in numeric order."""
     cols = [c for c in log.columns if c.startswith(prefix) and c[len(prefix):].isdigit()]
@@ -192,10 +232,11 @@ def plot_schedule(run: dict[str, Any], path: Path) -> Path | None:
 
 
 def plot_comparison(folder: Path, out_dir: Path, name: str) -> list[Path]:
-    """The three figures of one comparison folder (those it has data for), named ``<name>_*.png``."""
+    """The figures of one comparison folder (those it has data for), named ``<name>_*.png``."""
     runs = _read_runs(Path(folder))
     out_dir = Path(out_dir)
-    written = [plot_loss_vs_flops(runs, out_dir / f"{name}_loss_vs_flops.png")]
+    written = [plot_loss_vs_flops(runs, out_dir / f"{name}_loss_vs_flops.png"),
+               plot_monitored_variance(runs, out_dir / f"{name}_variance_monitor.png")]
     if "vcas" in runs:
         written += [plot_variance(runs["vcas"], out_dir / f"{name}_variance.png"),
                     plot_schedule(runs["vcas"], out_dir / f"{name}_schedule.png")]

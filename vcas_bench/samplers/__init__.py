@@ -91,4 +91,4 @@ def mean_loss_backward(losses: torch.Tensor) -> float:
     return float(loss.detach())
 
 
-from vcas_bench.samplers import exact, sb, ub, vcas  # noqa: E402,F401  (registration)
+from vcas_bench.samplers import exact, infobatch, sb, ub, vcas  # noqa: E402,F401  (registration)

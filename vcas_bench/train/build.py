@@ -42,8 +42,14 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     return torch.optim.SGD(groups, lr=lr, momentum=momentum)
 
 
-def build_scheduler(optimizer, schedule: str, total_steps: int, warmup_ratio: float):
-    """Linear warm-up then linear decay to 0 (HF's ``get_linear_schedule_with_warmup``), or constant."""
+def build_scheduler(optimizer, schedule: str, total_steps: int, warmup_ratio: float,
+                    clock: Callable[[], float] | None = None):
+    """Linear warm-up then linear decay to 0 (HF's ``get_linear_schedule_with_warmup``), or constant.
+
+    ``clock`` (a data-level sampler, whose epochs are short): the schedule's position in full-data steps,
+    read instead of the optimizer steps taken, so that it spans the run's epochs as the authors of
+    InfoBatch stretch theirs.
+    """
     warmup = math.ceil(total_steps * warmup_ratio)
 
     def factor(step: int) -> float:
@@ -53,6 +59,8 @@ def build_scheduler(optimizer, schedule: str, total_steps: int, warmup_ratio: fl
             return 1.0
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
+    if clock is not None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(clock()))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 

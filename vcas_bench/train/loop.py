@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -15,6 +15,9 @@ from vcas_bench.errors import RunDiverged
 from vcas_bench.samplers import LossFn, StepStats
 from vcas_bench.train.distributed import Dist
 from vcas_bench.train.state import Checkpointer, LoopResult, TrainState
+
+if TYPE_CHECKING:
+    from vcas_bench.train.monitor import VarianceMonitor
 
 __all__ = ["LoopOptions", "LoopResult", "train"]
 
@@ -33,6 +36,9 @@ class LoopOptions:
     progress: bool = True
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: none); the last step is saved too
     stop_after: int | None = None  # end this process after that many steps (checkpointed), unfinished
+    # A data-level sampler (InfoBatch, short epochs): full-data optimizer steps per epoch. The run then
+    # ends when its epochs cover total_steps full-data steps, not after total_steps optimizer steps.
+    epoch_steps: int | None = None
 
 
 def train(
@@ -44,12 +50,15 @@ def train(
     on_step: Callable[[dict[str, Any]], None] | None = None,
     dist: Dist | None = None,
     should_stop: Callable[[], bool] | None = None,
+    monitor: VarianceMonitor | None = None,
 ) -> LoopResult:
     """Train up to ``options.total_steps`` optimizer steps from wherever ``state`` stands.
 
     Evaluates after each epoch and at the end; calls ``save(step)`` every ``checkpoint_every`` steps, at
     the end, and before a ``stop_after`` stop or a ``should_stop()`` one (a signal, read once per step).
     Under ``dist`` (data parallel) gradients and the logged loss are averaged over ranks before the update.
+    A ``monitor`` measures the sampler's extra variance after the update of every ``every``-th step,
+    outside the timer's and the FLOP meter's units (its cost is its own).
     """
     dist = dist or Dist()
     model, sampler, optimizer, scheduler = state.model, state.sampler, state.optimizer, state.scheduler
@@ -65,7 +74,7 @@ def train(
     bar = tqdm(total=options.total_steps, initial=started, desc=sampler.name, disable=not options.progress,
                dynamic_ncols=True)
     model.train()
-    while result.steps < options.total_steps:
+    while _budget_used(result, batches, options) < options.total_steps:
         step = result.steps
         micro: list[StepStats] = []
         for index in range(options.accumulate):
@@ -105,11 +114,13 @@ def train(
         result.train_log.append(row)
         if on_step:
             on_step(row)
+        if monitor is not None and monitor.due(result.steps):  # after the update: .grad is clear
+            result.monitor_log.append(asdict(monitor.measure(result.steps, model, sampler, loss_fn)))
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", keep=f"{row['keep_ratio']:.2f}")
         # After each epoch (an accumulation window may end in the next one) and at the end.
         crossed = batches.epoch_done or batches.epoch != epoch
-        done = result.steps >= options.total_steps
+        done = _budget_used(result, batches, options) >= options.total_steps
         if crossed or done:
             epochs = batches.epoch + (batches.epoch_done or not crossed)  # a partial last epoch counts
             result.evals.append({"step": result.steps, "epoch": epochs, **evaluate()})
@@ -125,6 +136,13 @@ def train(
             break
     bar.close()
     return result
+
+
+def _budget_used(result: LoopResult, batches, options: LoopOptions) -> float:
+    """Optimizer steps taken, or with ``epoch_steps`` the full-data steps the epochs so far cover."""
+    if options.epoch_steps is None:
+        return result.steps
+    return batches.progress * options.epoch_steps + 1e-9  # float sums of epoch shares
 
 
 def _apply_update(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,

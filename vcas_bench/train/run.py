@@ -31,11 +31,12 @@ from vcas_bench.report.table import comparison_rows, markdown_table
 from vcas_bench.samplers import create_sampler
 from vcas_bench.tasks import TASK_MODALITIES, create_task
 from vcas_bench.train import build
-from vcas_bench.train.data import build_extra_stream, build_train_stream
+from vcas_bench.train.data import EpochPlanner, build_extra_stream, build_train_stream
 from vcas_bench.train.distributed import Dist, close_distributed, init_distributed
 from vcas_bench.train.glue_eval import glue_eval
 from vcas_bench.train.guard import OutputLock, StopSignals, write_status
 from vcas_bench.train.loop import LoopOptions, train
+from vcas_bench.train.monitor import MonitorSettings, VarianceMonitor
 from vcas_bench.train.resume import (
     Resume,
     check_resume_target,
@@ -164,7 +165,7 @@ def run_one(
     batch_size, accumulate = cfg.task.batch_size, cfg.trainer.accumulate
     total_steps, per_epoch = build.planned_steps(len(data.train) // dist.world, batch_size * accumulate,
                                                   cfg.task.epochs, cfg.trainer.max_steps)
-    state = _build_state(cfg, spec, bundle, data, total_steps, device, dist)
+    state = _build_state(cfg, spec, bundle, data, total_steps, per_epoch, device, dist)
     sampler, optim = state.sampler, cfg.model.optim
     if resumed is not None:
         state.load(resumed.checkpoint, rank=dist.rank, world=dist.world)
@@ -177,6 +178,7 @@ def run_one(
         flops_every=cfg.trainer.flops_every, progress=cfg.trainer.progress,
         time_detail=device.type == "cpu" if cfg.trainer.time_detail is None else cfg.trainer.time_detail,
         checkpoint_every=cfg.trainer.checkpoint_every, stop_after=cfg.trainer.stop_after,
+        epoch_steps=per_epoch if isinstance(sampler, EpochPlanner) else None,
     )
     save = Checkpointer(state, run_dir, spec["name"], keep=cfg.trainer.keep_checkpoints,
                         gather=dist.gather if dist.world > 1 else None, writer=dist.is_main,
@@ -189,6 +191,7 @@ def run_one(
             options=options, save=save,
             on_step=_wandb_logger(cfg, spec["name"], run_dir) if dist.is_main else None, dist=dist,
             should_stop=stop.requested if stop is not None else None,
+            monitor=_build_monitor(cfg, data, cfg.model.block_type or bundle.block_type, total_steps, dist),
         )
     finally:
         sampler.detach()
@@ -213,6 +216,8 @@ def run_one(
     write_csv(run_dir / "train_log.csv", result.train_log)
     if result.phase_log:
         write_csv(run_dir / "sampler_log.csv", [_flatten(p) for p in result.phase_log])
+    if result.monitor_log:
+        write_csv(run_dir / "variance_log.csv", result.monitor_log)
     return metrics
 
 
@@ -245,17 +250,24 @@ def _check_data(cfg: DictConfig, data, world: int) -> None:
         raise UsageError("; ".join(problems))
 
 
-def _build_state(cfg: DictConfig, spec: dict[str, Any], bundle, data, total_steps: int,
+def _build_state(cfg: DictConfig, spec: dict[str, Any], bundle, data, total_steps: int, per_epoch: int,
                  device: torch.device, dist: Dist) -> TrainState:
     """Sampler, optimizer, schedule, data streams, meters and loss scaler of a fresh run."""
     optim, batch_size, model = cfg.model.optim, cfg.task.batch_size, bundle.model
     optimizer = build.build_optimizer(model, optim.name, optim.lr, optim.weight_decay, optim.momentum)
     block_type = cfg.model.block_type or bundle.block_type
+    sampler = _create_sampler(cfg, spec, model, block_type, total_steps, dist)
+    # A data-level sampler (InfoBatch) plans each epoch's rows: its run and schedule count epochs.
+    planner = sampler if isinstance(sampler, EpochPlanner) else None
+    batches = build_train_stream(data.train, batch_size, cfg.seed, dist.rank, dist.world, planner)
+    clock = None
+    if planner is not None:
+        planner.set_epochs(total_steps / per_epoch)
+        clock = lambda: batches.progress * per_epoch  # noqa: E731  (full-data steps done)
     return TrainState(
-        model=model, sampler=_create_sampler(cfg, spec, model, block_type, total_steps, dist),
-        optimizer=optimizer,
-        scheduler=build.build_scheduler(optimizer, optim.schedule, total_steps, optim.warmup_ratio),
-        batches=build_train_stream(data.train, batch_size, cfg.seed, dist.rank, dist.world),
+        model=model, sampler=sampler, optimizer=optimizer,
+        scheduler=build.build_scheduler(optimizer, optim.schedule, total_steps, optim.warmup_ratio, clock),
+        batches=batches,
         extra=build_extra_stream(_phase_rows(data), batch_size, cfg.seed, dist.rank, dist.world),
         result=LoopResult(timer=UnitTimer(device), flops=FlopMeter(cfg.trainer.flops_every)),
         scaler=build.build_grad_scaler(cfg.trainer.precision, device),
@@ -272,6 +284,35 @@ def _create_sampler(cfg: DictConfig, spec: dict[str, Any], model, block_type: st
     sampler = create_sampler(spec["name"], seed=cfg.seed + dist.rank, reduce_fn=reduce_fn, **settings)
     sampler.attach(model, block_type, total_steps)
     return sampler
+
+
+def _build_monitor(cfg: DictConfig, data, block_type: str, total_steps: int, dist: Dist
+                   ) -> VarianceMonitor | None:
+    """The variance monitor when ``monitor.enabled``: the same steps and batches for every sampler."""
+    mon = cfg.monitor
+    if not mon.enabled:
+        return None
+    from vcas_bench.samplers.vcas import default_update_period
+
+    every = mon.every or cfg.task.vcas_F or default_update_period(total_steps)
+    settings = MonitorSettings(every=every, batches=mon.batches, draws=mon.draws,
+                               param_sample_ratio=mon.param_sample_ratio)
+    # The phases' rows: reading them draws no training randomness (c4's masks; docs of TaskData).
+    return VarianceMonitor(settings, _phase_rows(data), cfg.task.batch_size, block_type, cfg.seed + dist.rank)
+
+
+def monitor_summary(log: list[dict[str, Any]]) -> dict[str, Any]:
+    """The monitor's own cost (kept out of the sampler's time and FLOPs) and its mean readings."""
+    if not log:
+        return {}
+    timed = [r["time_s"] for r in log if math.isfinite(r["time_s"])]
+    counted = [r["flops"] for r in log if math.isfinite(r["flops"])]
+    mean = (lambda xs: sum(xs) / len(xs) if xs else None)
+    return {"monitor_measurements": len(log),
+            "monitor_time_s": mean(timed) * len(log) if timed else None,
+            "monitor_flops": mean(counted) * len(log) if counted else None,
+            "monitor_extra_over_V_s_mean": mean([r["extra_over_V_s"] for r in log]),
+            "monitor_bias_over_V_s_mean": mean([r["bias_over_V_s"] for r in log])}
 
 
 def _build_model_and_data(cfg: DictConfig):
@@ -298,7 +339,8 @@ def final_train_loss(losses: list[float]) -> float:
 def _metrics(cfg, spec, result, device, total_steps, per_epoch, reference) -> dict[str, Any]:
     timer = result.timer
     train_time = timer.total()
-    analytic = result.analytic_cost / result.steps
+    # Over the planned steps (those of the exact run): a data-level sampler takes fewer steps than planned.
+    analytic = result.analytic_cost / total_steps
     flops = result.flops.totals()
     metrics = {
         "task": cfg.task.name, "model": cfg.model.name, "sampler": spec["name"], "seed": cfg.seed,
@@ -322,6 +364,7 @@ def _metrics(cfg, spec, result, device, total_steps, per_epoch, reference) -> di
         "adapt_phases": len(result.phase_log),
         "vcas_F": result.phase_log[0].get("F") if result.phase_log else None,
         "experiment": cfg.get("name"),
+        **monitor_summary(result.monitor_log),
         **flops,
         "device": str(device),
         **peak_memory_mb(device),

@@ -43,6 +43,7 @@ class LoopResult:
     micro_steps: int = 0  # forward+backward passes of training batches (steps x accumulate)
     train_log: list[dict[str, Any]] = field(default_factory=list)
     phase_log: list[dict[str, Any]] = field(default_factory=list)
+    monitor_log: list[dict[str, Any]] = field(default_factory=list)  # variance monitor records
     evals: list[dict[str, Any]] = field(default_factory=list)
     timer: UnitTimer | None = None
     flops: FlopMeter | None = None
@@ -53,12 +54,14 @@ class LoopResult:
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "micro_steps": self.micro_steps, "train_log": self.train_log,
-                "phase_log": self.phase_log, "evals": self.evals, "analytic_cost": self.analytic_cost,
+                "phase_log": self.phase_log, "monitor_log": self.monitor_log, "evals": self.evals,
+                "analytic_cost": self.analytic_cost,
                 "timer": self.timer.state_dict(), "flops": self.flops.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("steps", "micro_steps", "train_log", "phase_log", "evals", "analytic_cost"):
             setattr(self, key, state[key])
+        self.monitor_log = state.get("monitor_log", [])  # absent in checkpoints of earlier versions
         self.timer.load_state_dict(state["timer"])
         self.flops.load_state_dict(state["flops"])
         self.resumed_from = self.steps

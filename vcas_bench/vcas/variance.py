@@ -32,9 +32,27 @@ from vcas_bench.vcas.wrap import Wrapped
 if TYPE_CHECKING:
     from vcas_bench.vcas.controller import VcasConfig
 
-__all__ = ["VarianceEstimator", "LossFn"]
+__all__ = ["VarianceEstimator", "LossFn", "random_subset", "sample_variance", "squared_distances"]
 
 LossFn = Callable[[Any], torch.Tensor]
+
+
+def random_subset(n: int, ratio: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``round(n * ratio)`` (at least 1) distinct indices below ``n``, or all of them (§7's 1% of entries)."""
+    k = max(1, round(n * ratio))
+    if k >= n:
+        return torch.arange(n, device=device)
+    return torch.randperm(n, generator=generator)[:k].to(device)
+
+
+def sample_variance(total: torch.Tensor, total_sq: torch.Tensor, count: int) -> torch.Tensor:
+    """Summed unbiased sample variance of ``count`` samples from their sum and sum of squares (V_s, §7)."""
+    return (total_sq - total.square() / count).sum() / (count - 1)
+
+
+def squared_distances(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """``||a_l - b_l||^2`` per weight ``l`` (float64): one term of V_act (§7)."""
+    return torch.tensor([(x - y).square().sum().item() for x, y in zip(a, b)], dtype=torch.float64)
 
 
 class VarianceEstimator:
@@ -94,11 +112,10 @@ class VarianceEstimator:
                         _set_rng_state(rng_before)  # same dropout masks as the exact pass
                         loss = loss_fn(batch)
                 g_act = self._pass(loss, weights, probes, exact=False, retain=j < cfg.M - 1)
-                act_sq += torch.tensor([(a - e).square().sum().item() for a, e in zip(g_act, g_exact)],
-                                       dtype=torch.float64)
+                act_sq += squared_distances(g_act, g_exact)
         _restore_buffers(self.wrapped.model, buffers)
         M = cfg.M
-        V_s_layer = [float(((t2 - t.square() / M).sum() / (M - 1)) / r)
+        V_s_layer = [float(sample_variance(t, t2, M) / r)
                      for t, t2, r in zip(sum_g, sum_g2, fractions.tolist())]
         V_w_layer = [slot.weight_variance / M**2 for slot in sampler.linears]
         return {
@@ -167,10 +184,7 @@ class VarianceEstimator:
         return self.config.param_sample_ratio
 
     def _random_subset(self, n: int, device: torch.device) -> torch.Tensor:
-        k = max(1, round(n * self.config.param_sample_ratio))
-        if k >= n:
-            return torch.arange(n, device=device)
-        return torch.randperm(n, generator=self.generator)[:k].to(device)
+        return random_subset(n, self.config.param_sample_ratio, self.generator, device)
 
 
 def _buffer_snapshot(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
