@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vcas_bench.vcas.controller import VcasConfig, VcasController, VcasSummary
+from vcas_bench.vcas.config import VcasConfig
+from vcas_bench.vcas.controller import VcasController, VcasSummary
 
 __all__ = ["VcasLoop", "ExtraBatches", "ddp_mean", "ddp_mean_tensors", "to_device", "world"]
 
@@ -187,7 +188,7 @@ class VcasLoop:
 
     @property
     def device(self) -> torch.device:
-        return self.controller.params[0].device
+        return self.controller.device
 
     def backward(self, batch: Any) -> torch.Tensor:
         """One micro-batch: the phase if due, then its folded or sampled backward into ``.grad``

@@ -21,18 +21,18 @@ RNG *state* captured before the exact pass inside ``torch.random.fork_rng``; not
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from vcas_bench.vcas.config import VcasConfig
 from vcas_bench.vcas.sampling import find_top_sum
 from vcas_bench.vcas.wrap import Wrapped
 
-if TYPE_CHECKING:
-    from vcas_bench.vcas.controller import VcasConfig
-
-__all__ = ["VarianceEstimator", "LossFn", "random_subset", "sample_variance", "squared_distances"]
+__all__ = ["VarianceEstimator", "VarianceEstimate", "LossFn", "random_subset", "sample_variance",
+           "squared_distances"]
 
 LossFn = Callable[[Any], torch.Tensor]
 
@@ -55,6 +55,17 @@ def squared_distances(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Ten
     return torch.tensor([(x - y).square().sum().item() for x, y in zip(a, b)], dtype=torch.float64)
 
 
+@dataclass
+class VarianceEstimate:
+    """What one variance phase measured (averaged over ranks under data parallelism)."""
+
+    V_s_layer: list[float]  # SGD variance per measured weight (sampled linears first)
+    V_w_layer: list[float]  # SampleW variance per sampled linear at its current nu
+    V_act: float  # SampleA variance, summed over the measured weights
+    # Per block, the keep ratio Eq. 4 gives at each candidate s: {+1: at s_up, -1: at s_down}.
+    keep_at: dict[int, list[float]]
+
+
 class VarianceEstimator:
     """The variance phase of one wrapped model: its passes, probes and (with ``fold_batch``) the kept
     exact gradient of the scheduled batch. Draws come from the controller's ``generator``."""
@@ -69,7 +80,8 @@ class VarianceEstimator:
         self.folded: tuple[float, list[torch.Tensor]] | None = None  # (loss, gradient) of a folded batch
 
     # -- passes ------------------------------------------------------------------------
-    def estimate(self, loss_fn: LossFn, batches: list[Any], s_candidates: dict[int, float]) -> dict[str, Any]:
+    def estimate(self, loss_fn: LossFn, batches: list[Any], s_candidates: dict[int, float]
+                 ) -> VarianceEstimate:
         """V_s and V_w per weight, V_act, and per block the keep ratio Eq. 4 gives at each candidate s
         (``{+1: s_up, -1: s_down}``), averaged over ranks when there is a ``reduce_fn``."""
         estimate = self._estimate(loss_fn, batches, s_candidates)
@@ -81,7 +93,7 @@ class VarianceEstimator:
         return folded
 
     def _estimate(self, loss_fn: LossFn, batches: list[Any], s_candidates: dict[int, float]
-                  ) -> dict[str, Any]:
+                  ) -> VarianceEstimate:
         cfg, sampler = self.config, self.sampler
         weights = self.wrapped.variance_weights  # sampled linears first: V_s_layer[l] pairs with linear l
         buffers = _buffer_snapshot(self.wrapped.model)
@@ -118,20 +130,18 @@ class VarianceEstimator:
         V_s_layer = [float(sample_variance(t, t2, M) / r)
                      for t, t2, r in zip(sum_g, sum_g2, fractions.tolist())]
         V_w_layer = [slot.weight_variance / M**2 for slot in sampler.linears]
-        return {
-            "V_s_layer": V_s_layer, "V_w_layer": V_w_layer,
-            "V_act": float((act_sq / fractions).sum()) / M**2,
-            "p": {sign: (c / M).tolist() for sign, c in candidates.items()},
-        }
+        return VarianceEstimate(V_s_layer=V_s_layer, V_w_layer=V_w_layer,
+                                V_act=float((act_sq / fractions).sum()) / M**2,
+                                keep_at={sign: (c / M).tolist() for sign, c in candidates.items()})
 
-    def _reduce(self, est: dict[str, Any]) -> dict[str, Any]:
+    def _reduce(self, est: VarianceEstimate) -> VarianceEstimate:
         """The estimates averaged over ranks with ``reduce_fn``, in one call."""
-        n_s, n_w, n_b = len(est["V_s_layer"]), len(est["V_w_layer"]), self.sampler.num_blocks
-        flat = [*est["V_s_layer"], *est["V_w_layer"], est["V_act"], *est["p"][+1], *est["p"][-1]]
+        n_s, n_w, n_b = len(est.V_s_layer), len(est.V_w_layer), self.sampler.num_blocks
+        flat = [*est.V_s_layer, *est.V_w_layer, est.V_act, *est.keep_at[+1], *est.keep_at[-1]]
         mean = self.reduce_fn(torch.tensor(flat, dtype=torch.float64)).tolist()
         cut = [n_s, n_s + n_w, n_s + n_w + 1, n_s + n_w + 1 + n_b]
-        return {"V_s_layer": mean[: cut[0]], "V_w_layer": mean[cut[0] : cut[1]], "V_act": mean[cut[1]],
-                "p": {+1: mean[cut[2] : cut[3]], -1: mean[cut[3] :]}}
+        return VarianceEstimate(V_s_layer=mean[: cut[0]], V_w_layer=mean[cut[0] : cut[1]], V_act=mean[cut[1]],
+                                keep_at={+1: mean[cut[2] : cut[3]], -1: mean[cut[3] :]})
 
     def _pass(self, loss: torch.Tensor, weights, probes, exact: bool, retain: bool = False,
               fold: bool = False) -> list[torch.Tensor]:
