@@ -96,11 +96,11 @@ class ExtraBatches:
         world_size: int = 1,
         num_workers: int = 0,
     ) -> None:
-        self.sampler = _EpochShuffle(len(dataset), seed + EXTRA_SEED_OFFSET, rank, world_size)
+        self.order = _EpochShuffle(len(dataset), seed + EXTRA_SEED_OFFSET, rank, world_size)
         self.loader = DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=self.sampler,
+            sampler=self.order,
             collate_fn=collate_fn,
             drop_last=True,
             num_workers=num_workers,
@@ -124,7 +124,7 @@ class ExtraBatches:
         if self.index >= len(self.loader):
             self.epoch, self.index, self._iterator = self.epoch + 1, 0, None
         if self._iterator is None:
-            self.sampler.epoch, self.sampler.start = self.epoch, self.index * self.loader.batch_size
+            self.order.epoch, self.order.start = self.epoch, self.index * self.loader.batch_size
             self._iterator = iter(self.loader)
         self.index += 1
         return next(self._iterator)

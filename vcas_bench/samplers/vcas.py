@@ -93,7 +93,7 @@ class VcasSampler:
     def run_metrics(self) -> dict[str, Any]:
         """``vcas_F`` (the base period) and the schedule and variance ratios the last phase left."""
         ctl = self.controller
-        if not ctl.history:
+        if ctl is None or not ctl.history:
             return {}
         last = ctl.history[-1]
         summary = last.summary()
