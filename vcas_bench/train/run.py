@@ -38,7 +38,7 @@ from vcas_bench.train.distributed import Dist, close_distributed, init_distribut
 from vcas_bench.train.glue_eval import glue_eval
 from vcas_bench.train.guard import OutputLock, StopSignals, write_status
 from vcas_bench.train.loop import LoopOptions, train
-from vcas_bench.train.monitor import MonitorSettings, VarianceMonitor
+from vcas_bench.train.monitor import MonitorSettings, VarianceMonitor, monitor_summary
 from vcas_bench.train.resume import (
     Resume,
     check_resume_target,
@@ -289,20 +289,6 @@ def _build_monitor(cfg: DictConfig, data, block_type: str, total_steps: int, dis
                                param_sample_ratio=mon.param_sample_ratio)
     # The phases' rows: reading them draws no training randomness (c4's masks; docs of TaskData).
     return VarianceMonitor(settings, _phase_rows(data), cfg.task.batch_size, block_type, cfg.seed + dist.rank)
-
-
-def monitor_summary(log: list[dict[str, Any]]) -> dict[str, Any]:
-    """The monitor's own cost (kept out of the sampler's time and FLOPs) and its mean readings."""
-    if not log:
-        return {}
-    timed = [r["time_s"] for r in log if math.isfinite(r["time_s"])]
-    counted = [r["flops"] for r in log if math.isfinite(r["flops"])]
-    mean = (lambda xs: sum(xs) / len(xs) if xs else None)
-    return {"monitor_measurements": len(log),
-            "monitor_time_s": mean(timed) * len(log) if timed else None,
-            "monitor_flops": mean(counted) * len(log) if counted else None,
-            "monitor_extra_over_V_s_mean": mean([r["extra_over_V_s"] for r in log]),
-            "monitor_bias_over_V_s_mean": mean([r["bias_over_V_s"] for r in log])}
 
 
 def _build_model_and_data(cfg: DictConfig):

@@ -32,7 +32,8 @@ from vcas_bench.vcas.sampling import find_top_sum
 from vcas_bench.vcas.wrap import Wrapped
 
 __all__ = ["VarianceEstimator", "VarianceEstimate", "LossFn", "random_subset", "sample_variance",
-           "squared_distances"]
+           "squared_distances", "buffer_snapshot", "restore_buffers", "cuda_devices", "rng_state",
+           "set_rng_state"]
 
 LossFn = Callable[[Any], torch.Tensor]
 
@@ -96,7 +97,7 @@ class VarianceEstimator:
                   ) -> VarianceEstimate:
         cfg, sampler = self.config, self.sampler
         weights = self.wrapped.variance_weights  # sampled linears first: V_s_layer[l] pairs with linear l
-        buffers = _buffer_snapshot(self.wrapped.model)
+        buffers = buffer_snapshot(self.wrapped.model)
         probes = [self.probe_subset(w) for w in weights]
         fractions = torch.tensor([self._probe_fraction(w, p) for w, p in zip(weights, probes)],
                                  dtype=torch.float64)
@@ -106,10 +107,10 @@ class VarianceEstimator:
         for slot in sampler.linears:
             slot.weight_variance = 0.0
         for i, batch in enumerate(batches):
-            rng_before = _rng_state()
+            rng_before = rng_state()
             loss = loss_fn(batch)
             if i == 0 and cfg.fold_batch:  # the scheduled batch's forward is a real training forward
-                buffers = _buffer_snapshot(self.wrapped.model)
+                buffers = buffer_snapshot(self.wrapped.model)
             g_exact = self._pass(loss, weights, probes, exact=True, fold=cfg.fold_batch and i == 0)
             for sign, s_cand in s_candidates.items():
                 candidates[sign] += torch.tensor([find_top_sum(n, s_cand) for n in sampler.norms])
@@ -120,12 +121,12 @@ class VarianceEstimator:
                 t2 += g.square()
             for j in range(cfg.M):
                 if not cfg.reuse_forward:
-                    with torch.random.fork_rng(devices=_cuda_devices(weights)):
-                        _set_rng_state(rng_before)  # same dropout masks as the exact pass
+                    with torch.random.fork_rng(devices=cuda_devices(weights)):
+                        set_rng_state(rng_before)  # same dropout masks as the exact pass
                         loss = loss_fn(batch)
                 g_act = self._pass(loss, weights, probes, exact=False, retain=j < cfg.M - 1)
                 act_sq += squared_distances(g_act, g_exact)
-        _restore_buffers(self.wrapped.model, buffers)
+        restore_buffers(self.wrapped.model, buffers)
         M = cfg.M
         V_s_layer = [float(sample_variance(t, t2, M) / r)
                      for t, t2, r in zip(sum_g, sum_g2, fractions.tolist())]
@@ -197,28 +198,29 @@ class VarianceEstimator:
         return random_subset(n, self.config.param_sample_ratio, self.generator, device)
 
 
-def _buffer_snapshot(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+# Shared with the runner's variance monitor, which leaves no trace on training the same way.
+def buffer_snapshot(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(buf, buf.detach().clone()) for buf in model.buffers()]
 
 
-def _restore_buffers(model: nn.Module, snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def restore_buffers(model: nn.Module, snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Undo the variance phase's forwards on buffers (BatchNorm running mean/var, batch counter)."""
     with torch.no_grad():
         for buf, saved in snapshot:
             buf.copy_(saved)
 
 
-def _cuda_devices(tensors: list[torch.Tensor]) -> list[int]:
+def cuda_devices(tensors: list[torch.Tensor]) -> list[int]:
     return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
 
 
-def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+def rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     cuda_used = torch.cuda.is_available() and torch.cuda.is_initialized()
     cuda = torch.cuda.get_rng_state_all() if cuda_used else None
     return torch.get_rng_state(), cuda
 
 
-def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+def set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state_all(state[1])
