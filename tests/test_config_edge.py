@@ -53,6 +53,16 @@ def test_the_report_names_variants_against_the_paper_defaults():
     assert VCAS_DEFAULTS == {"alpha": 0.01, "beta": 0.95, "M": 2, "rho_ema": 0.6, "param_sample_ratio": 0.01}
 
 
+def test_the_method_card_shows_the_paper_defaults():
+    """The hyper-parameter table of vcas_bench/vcas/README.md: every numeric default is VcasConfig's."""
+    card = (ROOT / "vcas_bench" / "vcas" / "README.md").read_text()
+    table = card[card.index("## Hyper-parameters"):].split("\n## ")[0]
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+?) \|", table, re.M))
+    shown = {name: float(value) for name, value in rows.items() if re.fullmatch(r"[\d.]+", value)}
+    assert set(shown) == {"tau_act", "tau_w", "alpha", "beta", "M", "rho_ema", "param_sample_ratio"}
+    assert shown == {name: getattr(VcasConfig(), name) for name in shown}
+
+
 @pytest.mark.parametrize("name", SAMPLERS.names())
 def test_every_sampler_takes_settings_seed_and_reduce_fn(name):
     sampler = SAMPLERS.get(name)(sampler_settings(name)(), seed=3, reduce_fn=None)
