@@ -8,6 +8,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
+from conftest import compose_config
 from omegaconf import OmegaConf
 
 from vcas_bench.config import SamplerSpec, sampler_specs
@@ -81,13 +82,7 @@ def test_a_sampler_without_phases_says_so():
 
 
 def _cfg(*overrides: str):
-    from hydra import compose, initialize_config_dir
-
-    from vcas_bench.config import register_schemas
-
-    register_schemas()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+    return compose_config(list(overrides))
 
 
 def test_sampler_specs_puts_baselines_first_with_their_yaml_and_the_task_period():

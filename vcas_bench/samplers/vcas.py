@@ -58,10 +58,11 @@ class VcasSampler:
     def __init__(self, settings: Settings, seed: int = 0, reduce_fn: ReduceFn | None = None) -> None:
         self.settings, self.seed, self.reduce_fn = settings, seed, reduce_fn
         self.controller: VcasController | None = None
+        self.period: int | None = None  # F, the base adaptation period, once attached
 
     def attach(self, model: nn.Module, block_type: str, total_steps: int) -> None:
-        F = default_update_period(total_steps) if self.settings.F is None else self.settings.F
-        config = self.settings.to_config(F, self.seed)
+        self.period = default_update_period(total_steps) if self.settings.F is None else self.settings.F
+        config = self.settings.to_config(self.period, self.seed)
         self.controller = VcasController(model, block_type, config, reduce_fn=self.reduce_fn)
 
     def step(self, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> StepStats:
@@ -82,12 +83,15 @@ class VcasSampler:
         # The paper's per-interval cost r (docs/method.md §9), at the schedule used since the last phase.
         interval_ratio = ctl.interval_cost()
         stats = ctl.adapt(lambda b: loss_fn(b)[0].mean(), ctl.phase_batches(batch, next_batch), step)
-        folded_loss = ctl.apply_folded()  # fold_batch: the phase computed this step's exact gradient
+        log = {"step": step, "F": ctl.F_now, **stats.summary(), "interval_flops_ratio": interval_ratio,
+               "analytic_flops_ratio_so_far": ctl.analytic_flops_ratio(),
+               "folded_step": self.settings.fold_batch, "rho": stats.rho, "nu": stats.nu,
+               "V_s_layer": stats.V_s_layer, "V_w_layer": stats.V_w_layer}
+        # fold_batch: the phase computed the scheduled batch's exact gradient; it goes into .grad now and
+        # that micro-batch is counted (at cost 0: its work is the phase's).
+        folded_loss = ctl.apply_folded()
         folded = None if folded_loss is None else StepStats(
             loss=folded_loss, keep_ratio=1.0, analytic_cost=0.0, extra={"folded": 1.0, "s": ctl.s})
-        log = {"step": step, "F": ctl.F_now, **stats.summary(), "interval_flops_ratio": interval_ratio,
-               "analytic_flops_ratio_so_far": ctl.analytic_flops_ratio(), "folded_step": folded is not None,
-               "rho": stats.rho, "nu": stats.nu, "V_s_layer": stats.V_s_layer, "V_w_layer": stats.V_w_layer}
         return PhaseReport(cost=stats.cost, log=log, folded_step=folded)
 
     def run_metrics(self) -> dict[str, Any]:
@@ -99,7 +103,7 @@ class VcasSampler:
         summary = last.summary()
         keys = ("s", "rho_mean", "nu_mean", "V_act_over_V_s", "V_w_over_V_s")
         finals = {f"final_{k}": summary[k] for k in keys}
-        return {"vcas_F": ctl.config.F, **finals, "final_rho": last.rho, "final_nu": last.nu}
+        return {"vcas_F": self.period, **finals, "final_rho": last.rho, "final_nu": last.nu}
 
     def detach(self) -> None:
         if self.controller is not None:
