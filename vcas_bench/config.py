@@ -292,7 +292,7 @@ def sampler_errors(spec: dict[str, Any], where: str = "sampler") -> list[str]:
     if name not in SAMPLERS:
         return [f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS.names())}"]
     settings = SAMPLERS.get(name).Settings
-    valid = list(inspect.signature(settings).parameters)
+    valid = [f.name for f in fields(settings)]
     unknown = [f"sampler {name!r} has no setting {k!r}; valid: {', '.join(valid) or 'none'}"
                for k in spec if k not in valid]
     if unknown:
