@@ -209,8 +209,9 @@ class VcasController:
     def apply_folded(self) -> float | None:
         """With ``fold_batch``, right after a phase: add the scheduled batch's exact gradient to ``.grad``
         and count that micro-batch at cost 0 (its work is the phase's); return its loss. None when
-        there is nothing to fold. For a loop that owns ``.grad`` (no DDP hooks, no loss scaling to
-        apply: the gradient is the phase's loss_fn's); others backpropagate :meth:`folded_loss`."""
+        there is nothing to fold. For a loop that owns ``.grad``: the gradient is the one of the phase's
+        ``loss_fn`` as it is (any loss scaling it applied included), and no DDP hook sees it. Loops that
+        scale the loss or average gradients in hooks backpropagate :meth:`folded_loss` instead."""
         folded = self.take_folded()
         if folded is None:
             return None
