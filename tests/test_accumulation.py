@@ -56,21 +56,30 @@ def test_vcas_phases_count_optimizer_steps(make_cfg, tmp_path):
 
 @pytest.mark.parametrize("name", ["vcas", "vcas-plus"])
 def test_a_phase_between_micro_batches_keeps_the_accumulated_gradient(name):
-    """Micro-batch 1's sampled gradient sits in .grad; a variance phase (M exact + M^2 SampleA passes, and
-    for vcas-plus a folded exact gradient) runs; .grad is bit-for-bit what it was."""
+    """Micro-batch 1's gradient sits in .grad; a variance phase (M exact + M^2 SampleA passes) runs; .grad
+    is bit-for-bit what it was; for vcas-plus the phase adds the scheduled batch's exact gradient to it
+    (its folded step), so .grad then holds both micro-batches' gradients."""
     model = _bert()
+    loss_fn = _loss_fn(model)
+    scheduled = _batches(1, seed=7)[0]
+    params = dict(model.named_parameters())
+    exact = dict(zip(params, torch.autograd.grad(loss_fn(scheduled), list(params.values()))))  # unwrapped
     sampler = create_sampler(name, seed=0, F=1, tau=0.5)
     sampler.attach(model, "BertLayer", total_steps=10)
-    loss_fn = _loss_fn(model)
     batches = iter(_batches(8, seed=1))
-    adapt = lambda: sampler.adapt(0, lambda b: (loss_fn(b), None), lambda: next(batches), next(batches))
-    adapt()  # a first phase so that rho < 1: the accumulated gradient below is a sampled one
+    adapt = lambda batch: sampler.adapt(0, lambda b: (loss_fn(b), None), lambda: next(batches), batch)
+    adapt(next(batches))  # a first phase so that rho < 1: the accumulated gradient below is a sampled one
+    model.zero_grad(set_to_none=True)  # vcas-plus: the first phase's folded gradient
     sampler.step(next(batches), lambda b: (loss_fn(b).expand(8), None))
     before = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert before
-    adapt()
+    report = adapt(scheduled)
+    assert (report.folded_step is not None) == (name == "vcas-plus")
     after = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert after.keys() == before.keys()
     for key, grad in before.items():
-        assert torch.equal(after[key], grad), key
+        if report.folded_step is None:
+            assert torch.equal(after[key], grad), key
+        else:
+            torch.testing.assert_close(after[key], grad + exact[key], rtol=1e-5, atol=1e-7, msg=key)
     sampler.detach()

@@ -11,6 +11,7 @@ from test_vcas_controller import _batches, _controller
 
 from vcas_bench.train.run import run
 from vcas_bench.train.state import latest_checkpoint, load_checkpoint
+from vcas_bench.vcas.variance import VarianceEstimate
 from vcas_bench.vcas.wrap import SampledLinear
 
 
@@ -56,8 +57,8 @@ def test_a_phase_with_non_finite_statistics_changes_nothing():
     ctrl = _controller(M=2, F=1, tau_act=0.0)
     ctrl.sampler.rho = [0.7, 0.8, 0.9]
     before = (ctrl.s, ctrl.rho, ctrl.nu)
-    estimate = {"V_s_layer": [1.0] * 18, "V_w_layer": [math.inf] * 18, "V_act": math.nan,
-                "p": {+1: [0.5] * 3, -1: [0.4] * 3}}
+    estimate = VarianceEstimate(V_s_layer=[1.0] * 18, V_w_layer=[math.inf] * 18, V_act=math.nan,
+                                keep_at={+1: [0.5] * 3, -1: [0.4] * 3})
     ctrl._update(estimate, step=0, cost=0.0)
     assert (ctrl.s, ctrl.rho, ctrl.nu) == before and len(ctrl.history) == 1
 

@@ -104,8 +104,8 @@ def test_monitored_variance_is_vcas_phase_estimate_on_the_same_draws():
     stats, _, (_, sampler, loss_fn, monitor) = _measure("vcas", 4, batches=4, setup=_vcas_at(1.0), M=4,
                                                         param_sample_ratio=1.0)
     est = _phase(sampler, loss_fn, monitor)
-    assert stats["V_s"] == pytest.approx(sum(est["V_s_layer"]), rel=1e-6)
-    assert stats["V_extra"] == pytest.approx(est["V_act"], rel=1e-6) and est["V_act"] > 0
+    assert stats["V_s"] == pytest.approx(sum(est.V_s_layer), rel=1e-6)
+    assert stats["V_extra"] == pytest.approx(est.V_act, rel=1e-6) and est.V_act > 0
 
 
 def test_monitored_variance_is_v_act_plus_v_w_with_weight_sampling():
@@ -115,8 +115,8 @@ def test_monitored_variance_is_v_act_plus_v_w_with_weight_sampling():
     stats, _, (_, sampler, loss_fn, monitor) = _measure("vcas", 32, batches=4, setup=_vcas_at(0.5), M=4,
                                                         param_sample_ratio=1.0)
     est = _phase(sampler, loss_fn, monitor)
-    total = est["V_act"] + sum(est["V_w_layer"])
-    assert sum(est["V_w_layer"]) > 0.05 * total  # SampleW's part is there to be seen
+    total = est.V_act + sum(est.V_w_layer)
+    assert sum(est.V_w_layer) > 0.05 * total  # SampleW's part is there to be seen
     assert stats["V_extra"] == pytest.approx(total, rel=0.2)
 
 

@@ -49,10 +49,11 @@ def test_folded_step_applies_the_exact_gradient_of_the_scheduled_batch():
         return torch.nn.functional.cross_entropy(out.logits, b["labels"], reduction="none"), out.logits
 
     assert sampler.adapt_due(0)
-    phase = sampler.adapt(0, loss_fn, next_batch, batch)
-    assert phase["folded_step"] and len(extra_calls) == 1  # M = 2: the scheduled batch + one fresh one
-    stats = sampler.step(batch, loss_fn)
-    assert stats.extra["folded"] == 1.0 and stats.analytic_cost == 0.0
+    report = sampler.adapt(0, loss_fn, next_batch, batch)
+    assert len(extra_calls) == 1  # M = 2: the scheduled batch + one fresh one
+    stats = report.folded_step  # the phase did the step: the loop calls no sampler.step for it
+    assert stats.extra["folded"] == 1.0 and stats.analytic_cost == 0.0 and report.log["folded_step"]
+    assert stats.loss == pytest.approx(float(loss_fn(batch)[0].mean()), rel=1e-6)
     for param, grad in zip(model.parameters(), exact):
         torch.testing.assert_close(param.grad, grad, rtol=1e-5, atol=1e-7)
     model.zero_grad()

@@ -1,4 +1,4 @@
-"""``vcas-bench``: compose the config, check it, call :func:`vcas_bench.train.run.run`, exit.
+"""``vcas-bench``: compose the config, check it, resolve the samplers, call :func:`vcas_bench.train.run.run`.
 
 Problems with the command line (unknown task/model/sampler, a setting that does not exist, a
 negative learning rate, ...) are reported in one line each before any data or model is loaded (exit 2);
@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from vcas_bench.config import SETTING_RULES, register_schemas, validate
+from vcas_bench.config import SETTING_RULES, register_schemas, sampler_specs, validate
 from vcas_bench.errors import RunDiverged, RunInterrupted, UsageError
 
 GROUPS = ("task", "model", "sampler", "experiment")
@@ -114,7 +114,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
     out_dir = Path(cfg.output_dir or HydraConfig.get().runtime.output_dir)
     try:
-        run(cfg, out_dir, CONF_DIR)
+        run(cfg, out_dir, sampler_specs(cfg, CONF_DIR))  # baselines' settings from conf/sampler/
     except (UsageError, MissingAsset) as err:  # found while loading: the data, a bad local copy
         fail([str(err)])
     except RunInterrupted as stop:

@@ -1,13 +1,17 @@
-"""Config schemas (registered in Hydra's ConfigStore) and the checks that run before any training.
+"""Config schemas (registered in Hydra's ConfigStore), the checks that run before any training, and
+what the edge resolves for the runner.
 
 The YAML under ``conf/`` is validated twice: Hydra checks types and keys against the dataclasses
 below when it composes; :func:`validate` then checks names (task, model, sampler, the builders' keyword
 arguments, the sampler's settings, keys added with ``+``) and every value against its :class:`Rule`
 (type, range, what null means), and reports every problem at once, one line each.
+:func:`sampler_specs` resolves the comparison's samplers (baselines from ``conf/sampler/<name>.yaml``,
+the task's adaptation period) into :class:`SamplerSpec` values; nothing below the CLI reads YAML.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.util
 import inspect
@@ -109,6 +113,43 @@ class RunConfig:
     name: str | None = None  # the experiment's name, recorded in metrics.json
     logger: str | None = None  # None | wandb
     output_dir: str | None = None  # None: Hydra's run directory
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """One sampler of a comparison, resolved at the edge."""
+
+    name: str
+    configured: dict[str, Any]  # its settings as configured: recorded in metrics.json, compared on resume
+    # Its ``Settings`` dataclass built from them, with the task's adaptation period (``task.vcas_F``) when
+    # the sampler has an ``F`` setting left unset.
+    settings: Any
+
+
+def sampler_specs(cfg: DictConfig, conf_dir: Path | None = None) -> list[SamplerSpec]:
+    """The samplers of this comparison, baselines first, then ``cfg.sampler``.
+
+    A baseline's settings come from ``<conf_dir>/sampler/<name>.yaml``; without ``conf_dir`` (library
+    callers, tests) or such a file, from its ``Settings`` defaults.
+    """
+    main = OmegaConf.to_container(cfg.sampler, resolve=True)
+    nodes = []
+    for name in cfg.baselines:
+        if name != main["name"]:
+            path = conf_dir / "sampler" / f"{name}.yaml" if conf_dir else None
+            known = path is not None and path.exists()
+            nodes.append(OmegaConf.to_container(OmegaConf.load(path)) if known else {"name": name})
+    return [_sampler_spec(node, cfg.task.vcas_F) for node in [*nodes, main]]
+
+
+def _sampler_spec(node: dict[str, Any], task_F: int | None) -> SamplerSpec:
+    from vcas_bench.samplers import sampler_settings
+
+    configured = {key: value for key, value in node.items() if key != "name"}
+    settings = sampler_settings(node["name"])(**configured)
+    if task_F and getattr(settings, "F", 0) is None:  # the period left to the task
+        settings = dataclasses.replace(settings, F=task_F)
+    return SamplerSpec(node["name"], configured, settings)
 
 
 def register_schemas() -> None:
@@ -251,7 +292,7 @@ def sampler_errors(spec: dict[str, Any], where: str = "sampler") -> list[str]:
     if name not in SAMPLERS:
         return [f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS.names())}"]
     settings = SAMPLERS.get(name).Settings
-    valid = list(inspect.signature(settings).parameters)
+    valid = [f.name for f in fields(settings)]
     unknown = [f"sampler {name!r} has no setting {k!r}; valid: {', '.join(valid) or 'none'}"
                for k in spec if k not in valid]
     if unknown:
@@ -273,9 +314,21 @@ def sampler_errors(spec: dict[str, Any], where: str = "sampler") -> list[str]:
 
 
 def _glue_eval_errors(cfg: DictConfig) -> list[str]:
-    from vcas_bench.train.glue_eval import glue_eval_errors
+    """One-line problems with ``task.glue_eval`` (off when its task is None)."""
+    from vcas_bench.tasks import TASK_MODALITIES
+    from vcas_bench.tasks.glue import SPECS
 
-    return glue_eval_errors(OmegaConf.to_container(cfg.task.glue_eval, resolve=True), cfg.task.name)
+    spec = cfg.task.glue_eval
+    if spec.task is None:
+        return []
+    errors = []
+    if TASK_MODALITIES.get(cfg.task.name) != "mlm":
+        errors.append(f"task.glue_eval applies to masked-LM pretraining tasks, not to {cfg.task.name!r}")
+    if spec.task not in SPECS:
+        errors.append(f"task.glue_eval.task={spec.task!r}; valid: {', '.join(sorted(SPECS))}")
+    if spec.steps < 1 or spec.batch_size < 1 or spec.lr <= 0:
+        errors.append("task.glue_eval needs steps >= 1, batch_size >= 1 and lr > 0")
+    return errors
 
 
 def _combination_errors(cfg: DictConfig) -> list[str]:

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from vcas_bench.integrations.loop import ExtraBatches, ddp_mean, ddp_mean_tensors, seeded_for_rank
-from vcas_bench.vcas.controller import VcasConfig, VcasController
+from vcas_bench.vcas.config import VcasConfig
+from vcas_bench.vcas.controller import VcasController
 
 __all__ = ["VcasTrainer", "STATE_FILE"]  # noqa: F822 (VcasTrainer: built on first use)
 

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from vcas_bench.integrations.loop import ExtraBatches, ddp_mean, seeded_for_rank
-from vcas_bench.vcas.controller import VcasConfig, VcasController
+from vcas_bench.vcas.config import VcasConfig
+from vcas_bench.vcas.controller import VcasController
 
 __all__ = ["VcasCallback"]  # noqa: F822 (built on first use)
 

@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vcas_bench.vcas.controller import VcasConfig, VcasController, VcasSummary
+from vcas_bench.vcas.config import VcasConfig
+from vcas_bench.vcas.controller import VcasController, VcasSummary
 
 __all__ = ["VcasLoop", "ExtraBatches", "ddp_mean", "ddp_mean_tensors", "to_device", "world"]
 
@@ -95,11 +96,11 @@ class ExtraBatches:
         world_size: int = 1,
         num_workers: int = 0,
     ) -> None:
-        self.sampler = _EpochShuffle(len(dataset), seed + EXTRA_SEED_OFFSET, rank, world_size)
+        self.order = _EpochShuffle(len(dataset), seed + EXTRA_SEED_OFFSET, rank, world_size)
         self.loader = DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=self.sampler,
+            sampler=self.order,
             collate_fn=collate_fn,
             drop_last=True,
             num_workers=num_workers,
@@ -123,7 +124,7 @@ class ExtraBatches:
         if self.index >= len(self.loader):
             self.epoch, self.index, self._iterator = self.epoch + 1, 0, None
         if self._iterator is None:
-            self.sampler.epoch, self.sampler.start = self.epoch, self.index * self.loader.batch_size
+            self.order.epoch, self.order.start = self.epoch, self.index * self.loader.batch_size
             self._iterator = iter(self.loader)
         self.index += 1
         return next(self._iterator)
@@ -187,7 +188,7 @@ class VcasLoop:
 
     @property
     def device(self) -> torch.device:
-        return self.controller.params[0].device
+        return self.controller.device
 
     def backward(self, batch: Any) -> torch.Tensor:
         """One micro-batch: the phase if due, then its folded or sampled backward into ``.grad``

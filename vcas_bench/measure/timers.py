@@ -7,7 +7,6 @@ time is then ``sum over kinds of mean timed seconds x number of units`` (:meth:`
 
 from __future__ import annotations
 
-import resource
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -79,16 +78,3 @@ class UnitTimer:
         """Estimated seconds of all units (of ``kind``), from the mean of the timed ones."""
         kinds = [kind] if kind else list(self.units)
         return sum((self.mean(k) or 0.0) * self.units[k] for k in kinds)
-
-
-def peak_memory_mb(device: torch.device) -> dict[str, float]:
-    """Peak accelerator memory of this run, or the process's peak resident set on CPU."""
-    if device.type == "cuda":
-        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20}
-    # ru_maxrss is in KiB on Linux and covers the whole process, not one run: labelled as such.
-    return {"process_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)

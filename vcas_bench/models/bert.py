@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from vcas_bench.assets import HubAsset, MissingAsset
-from vcas_bench.models import ModelBundle, checkpoint_asset, load_pretrained, register_model
+from vcas_bench.models.base import ModelBundle, checkpoint_asset, load_pretrained, register_model
 
 __all__ = ["bert_base", "bert_large", "bert_tiny", "classifier_from_mlm", "minilm", "minilm_path"]
 

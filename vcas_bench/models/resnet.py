@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
-from vcas_bench.models import ModelBundle, register_model
+from vcas_bench.models.base import ModelBundle, register_model
 
 __all__ = ["WideResNet", "wrn18", "wrn18_tiny"]
 

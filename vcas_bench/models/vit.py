@@ -19,7 +19,7 @@ from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
 
 from vcas_bench.assets import HubAsset, MissingAsset
-from vcas_bench.models import ModelBundle, checkpoint_asset, load_pretrained, register_model
+from vcas_bench.models.base import ModelBundle, checkpoint_asset, load_pretrained, register_model
 
 __all__ = ["timm_vit_tiny", "vit_base", "vit_large", "vit_tiny"]
 

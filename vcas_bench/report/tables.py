@@ -20,6 +20,7 @@ import pandas as pd
 
 from vcas_bench.report.files import _atomic_write, write_csv
 from vcas_bench.report.plots import plot_comparison
+from vcas_bench.vcas.config import VcasConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ PROXY_FOR: dict[str, str] = {
     "vit-large": "ViT-large",
 }
 METHODS = {"exact": "exact", "sb": "SB", "ub": "UB", "vcas": "VCAS"}  # our sampler -> the paper's name
-VCAS_DEFAULTS = {"alpha": 0.01, "beta": 0.95, "M": 2, "rho_ema": 0.6, "param_sample_ratio": 0.01}  # §10
+# The paper's defaults a run's variant names only when it departs from them (docs/method.md §10).
+VCAS_DEFAULTS = {k: getattr(VcasConfig(), k) for k in ("alpha", "beta", "M", "rho_ema", "param_sample_ratio")}
 SKIP_DIRS = frozenset({"paper", "tables", "bench"})
 NOT_RUN, NOT_IN_PAPER, NONE = "not run", "not in paper", "–"
 

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from vcas_bench.samplers import SAMPLERS, LossFn, StepStats, mean_loss_backward
+from vcas_bench.samplers.base import SAMPLERS, LossFn, ReduceFn, StepStats, WithoutPhases, mean_loss_backward
 
 
 @SAMPLERS.register("exact")
-class ExactSampler:
+class ExactSampler(WithoutPhases):
     """Full backward on every example."""
 
     name = "exact"
@@ -22,7 +21,7 @@ class ExactSampler:
     class Settings:
         """``exact`` takes no settings."""
 
-    def __init__(self, settings: Settings, seed: int = 0) -> None:
+    def __init__(self, settings: Settings, seed: int = 0, reduce_fn: ReduceFn | None = None) -> None:
         self.settings = settings
 
     def attach(self, model: nn.Module, block_type: str, total_steps: int) -> None:
@@ -31,12 +30,6 @@ class ExactSampler:
     def step(self, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> StepStats:
         losses, _ = loss_fn(batch)
         return StepStats(loss=mean_loss_backward(losses), keep_ratio=1.0, analytic_cost=1.0)
-
-    def adapt_due(self, step: int) -> bool:
-        return False
-
-    def adapt(self, step: int, loss_fn: LossFn, next_batch: Callable[[], Any], batch: Any) -> dict[str, Any]:
-        raise RuntimeError(f"{self.name} has no adaptation phase")
 
     def detach(self) -> None:
         pass

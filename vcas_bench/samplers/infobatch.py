@@ -14,14 +14,13 @@ the loss table. The plan of the current epoch is part of the state, so a resumed
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from vcas_bench.samplers import SAMPLERS, LossFn, ReduceFn, StepStats
+from vcas_bench.samplers.base import SAMPLERS, LossFn, ReduceFn, StepStats, WithoutPhases
 
 __all__ = ["InfoBatchSampler", "well_learned", "prune_plan"]
 
@@ -45,7 +44,7 @@ def prune_plan(order: torch.Tensor, well: torch.Tensor, ratio: float, generator:
 
 
 @SAMPLERS.register("infobatch")
-class InfoBatchSampler:
+class InfoBatchSampler(WithoutPhases):
     """Soft pruning of well-learned examples with rescaling and annealing; a plain backward otherwise."""
 
     name = "infobatch"
@@ -141,12 +140,6 @@ class InfoBatchSampler:
         pruned = well & (torch.rand(len(index), generator=self.generator) < r)
         weights = torch.where(pruned, 0.0, torch.where(well, 1.0 / (1.0 - r), 1.0))
         (losses * weights.to(losses.device, losses.dtype)).mean().backward()
-
-    def adapt_due(self, step: int) -> bool:
-        return False
-
-    def adapt(self, step: int, loss_fn: LossFn, next_batch: Callable[[], Any], batch: Any) -> dict[str, Any]:
-        raise RuntimeError(f"{self.name} has no adaptation phase")
 
     def detach(self) -> None:
         pass

@@ -7,13 +7,10 @@ backward of the linears costs ``r`` of the exact one (rho = nu = 1, nothing else
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 from torch import nn
 
-from vcas_bench.samplers import StepStats
+from vcas_bench.samplers.base import StepStats, WithoutPhases
 from vcas_bench.vcas import Wrapped, keep_ratio_cost, unwrap, wrap
 
 
@@ -46,7 +43,7 @@ class RowSubsetBackward:
 
 
 
-class RowSubsetSampler:
+class RowSubsetSampler(WithoutPhases):
     """What SB and UB share: a private generator, the row-skipping engine, and no adaptation phase.
 
     A subclass decides the per-example loss weights of a batch and calls :meth:`backward_weighted`.
@@ -66,12 +63,6 @@ class RowSubsetSampler:
         ratio = self.rows.backward(losses, weights)
         return StepStats(loss=float(losses.detach().mean()), keep_ratio=ratio,
                          analytic_cost=keep_ratio_cost(ratio))
-
-    def adapt_due(self, step: int) -> bool:
-        return False
-
-    def adapt(self, step: int, loss_fn: Callable, next_batch: Callable[[], Any], batch: Any) -> dict:
-        raise RuntimeError(f"{self.name} has no adaptation phase")
 
     def detach(self) -> None:
         self.rows.detach()

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from vcas_bench.samplers import SAMPLERS, LossFn, StepStats
+from vcas_bench.samplers.base import SAMPLERS, LossFn, ReduceFn, StepStats
 from vcas_bench.samplers.rows import RowSubsetSampler
 
 
@@ -53,7 +53,8 @@ class SelectiveBackpropSampler(RowSubsetSampler):
             if bad:
                 raise ValueError(f"invalid sb settings: {', '.join(bad)}")
 
-    def __init__(self, settings: Settings, seed: int = 0) -> None:
+    def __init__(self, settings: Settings, seed: int = 0, reduce_fn: ReduceFn | None = None) -> None:
+        # Each rank decides per example from its own batch: nothing to agree on, reduce_fn is unused.
         self.settings = settings
         super().__init__(seed)
         self.history: deque[float] = deque(maxlen=settings.history)

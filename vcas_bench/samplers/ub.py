@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from vcas_bench.samplers import SAMPLERS, LossFn, StepStats
+from vcas_bench.samplers.base import SAMPLERS, LossFn, ReduceFn, StepStats
 from vcas_bench.samplers.rows import RowSubsetSampler
 
 
@@ -70,7 +70,8 @@ class UpperBoundSampler(RowSubsetSampler):
             if not 0 < self.ratio <= 1:
                 raise ValueError(f"invalid ub settings: ratio={self.ratio}")
 
-    def __init__(self, settings: Settings, seed: int = 0) -> None:
+    def __init__(self, settings: Settings, seed: int = 0, reduce_fn: ReduceFn | None = None) -> None:
+        # Each rank decides per example from its own batch: nothing to agree on, reduce_fn is unused.
         self.settings = settings
         super().__init__(seed)
 

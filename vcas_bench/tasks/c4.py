@@ -31,7 +31,7 @@ import numpy as np
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
 from vcas_bench.assets import HubAsset, MissingAsset
-from vcas_bench.tasks import EVAL_FRACTION, SPLIT_SEED, TaskData, register_task
+from vcas_bench.tasks.base import EVAL_FRACTION, SPLIT_SEED, TaskData, register_task
 
 __all__ = ["HUB_NAME", "c4", "mask_transform", "read_texts", "token_blocks"]
 

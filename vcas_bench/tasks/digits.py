@@ -9,7 +9,7 @@ from __future__ import annotations
 import pandas as pd
 from sklearn.datasets import load_digits
 
-from vcas_bench.tasks import TaskData, register_task, split_rows
+from vcas_bench.tasks.base import TaskData, register_task, split_rows
 from vcas_bench.tasks.images import image_dataset
 
 __all__ = ["digits"]

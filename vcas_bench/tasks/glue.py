@@ -25,7 +25,7 @@ import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
 from vcas_bench.assets import HubAsset, MissingAsset
-from vcas_bench.tasks import SPLIT_SEED, TaskData, cap_indices, register_task
+from vcas_bench.tasks.base import SPLIT_SEED, TaskData, cap_indices, register_task
 from vcas_bench.tasks.text import tokenize
 
 __all__ = ["HUB_NAME", "SPECS", "hub_asset", "load_split", "mnli", "qnli", "qqp", "sst2"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from vcas_bench.tasks import TaskData, package_file, register_task, split_rows
+from vcas_bench.tasks.base import TaskData, package_file, register_task, split_rows
 from vcas_bench.tasks.images import image_dataset
 
 __all__ = ["mnist5k"]

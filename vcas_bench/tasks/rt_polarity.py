@@ -13,7 +13,7 @@ import datasets
 import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
-from vcas_bench.tasks import TaskData, package_file, register_task, split_rows
+from vcas_bench.tasks.base import TaskData, package_file, register_task, split_rows
 from vcas_bench.tasks.text import tokenize
 
 __all__ = ["LABELS", "load_frame", "rt_polarity"]

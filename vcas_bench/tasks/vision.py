@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from vcas_bench.assets import HubAsset, MissingAsset
-from vcas_bench.tasks import SPLIT_SEED, TaskData, cap_indices, register_task
+from vcas_bench.tasks.base import SPLIT_SEED, TaskData, cap_indices, register_task
 from vcas_bench.tasks.images import MEAN, STD
 
 __all__ = ["SPECS", "cifar10", "cifar100", "image_folder", "imagenet", "pixel_transform"]

@@ -1,13 +1,14 @@
 """Training batches as resumable streams: the data position is part of a checkpoint.
 
 A :class:`BatchStream` hands out batches epoch after epoch from a seeded loader and can save and
-restore its place mid-epoch without replaying the batches before it. :class:`ShardedSampler` is the
-loader's index sampler: the same seeded permutation on every rank, each rank taking every
+restore its place mid-epoch without replaying the batches before it. :class:`ShardedOrder` is the
+loader's index order (a ``torch.utils.data.Sampler``, named apart from this project's samplers, which
+decide the backward): the same seeded permutation on every rank, each rank taking every
 ``world``-th index (``torch.utils.data.DistributedSampler``'s scheme), and able to start part-way in.
 
-A data-level sampler (InfoBatch) is an :class:`EpochPlanner`: at each epoch's start it keeps a subset
-of the shuffled order (pruned rows are never loaded), and its batches carry an ``index`` field (the
-row's position in the dataset, :class:`IndexedRows`) so that it can key per-example state by row.
+A data-level sampler (InfoBatch) is also an :class:`EpochPlanner`: at each epoch's start it keeps a
+subset of the shuffled order (pruned rows are never loaded), and its batches carry an ``index`` field
+(the row's position in the dataset, :class:`IndexedRows`) so that it can key per-example state by row.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["ShardedSampler", "BatchStream", "EpochPlanner", "IndexedRows", "build_train_stream",
+__all__ = ["ShardedOrder", "BatchStream", "EpochPlanner", "IndexedRows", "build_train_stream",
            "build_extra_stream"]
 
 EXTRA_SEED_OFFSET = 1_000_003  # variance-phase batches: an order of their own, apart from training's
@@ -50,7 +51,7 @@ class IndexedRows(Dataset):
         return {**self.dataset[index], "index": torch.tensor(index)}
 
 
-class ShardedSampler(Sampler[int]):
+class ShardedOrder(Sampler[int]):
     """Shuffled indices, one permutation per epoch from ``generator``, sharded by rank.
 
     With one rank it draws exactly what ``RandomSampler(generator=...)`` draws (including the
@@ -88,8 +89,8 @@ class BatchStream:
     already used are skipped by index, without loading them.
     """
 
-    def __init__(self, loader: DataLoader, sampler: ShardedSampler, generator: torch.Generator) -> None:
-        self.loader, self.sampler, self.generator = loader, sampler, generator
+    def __init__(self, loader: DataLoader, order: ShardedOrder, generator: torch.Generator) -> None:
+        self.loader, self.order, self.generator = loader, order, generator
         self.epoch, self.index = 0, 0  # batches taken in the current epoch
         self._iterator: Iterator[Any] | None = None
         self._epoch_start = generator.get_state()
@@ -108,12 +109,12 @@ class BatchStream:
 
     def next(self) -> Any:
         if self._iterator is None:
-            self.sampler.epoch = self.epoch  # the planner's plan of the epoch that is ending, or resumed
+            self.order.epoch = self.epoch  # the planner's plan of the epoch that is ending, or resumed
             if self.epoch_done:
                 self.epoch, self.index = self.epoch + 1, 0
-                self.sampler.epoch = self.epoch
+                self.order.epoch = self.epoch
             self._epoch_start = self.generator.get_state()
-            self.sampler.start = self.index * self.loader.batch_size
+            self.order.start = self.index * self.loader.batch_size
             self._iterator = iter(self.loader)
         batch = next(self._iterator)
         self.index += 1
@@ -139,14 +140,14 @@ class BatchStream:
 def _stream(dataset: Dataset, batch_size: int, seed: int, rank: int, world: int,
             planner: EpochPlanner | None = None) -> BatchStream:
     generator = torch.Generator().manual_seed(seed)
-    sampler = ShardedSampler(len(dataset), generator, rank, world)
+    order = ShardedOrder(len(dataset), generator, rank, world)
     if planner is not None:
         if world > 1:  # its per-example state would have to be gathered from every rank
             raise ValueError(f"{type(planner).__name__}: data-parallel runs are not supported")
-        sampler.planner, sampler.min_rows, dataset = planner, batch_size, IndexedRows(dataset)
+        order.planner, order.min_rows, dataset = planner, batch_size, IndexedRows(dataset)
     # The loader draws its base seed from the same generator, as a shuffling DataLoader does.
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=generator, drop_last=True)
-    return BatchStream(loader, sampler, generator)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=order, generator=generator, drop_last=True)
+    return BatchStream(loader, order, generator)
 
 
 def build_train_stream(dataset: Dataset, batch_size: int, seed: int, rank: int = 0,

@@ -24,40 +24,24 @@ from vcas_bench.measure.timers import UnitTimer
 from vcas_bench.models import ModelBundle
 from vcas_bench.models.bert import classifier_from_mlm
 from vcas_bench.samplers import create_sampler
-from vcas_bench.tasks import TASK_MODALITIES, create_task
+from vcas_bench.tasks import create_task
 from vcas_bench.tasks.glue import SPECS
 from vcas_bench.train import build
 from vcas_bench.train.data import build_extra_stream, build_train_stream
 from vcas_bench.train.loop import LoopOptions, train
 from vcas_bench.train.state import LoopResult, TrainState
 
-__all__ = ["glue_eval", "glue_eval_errors"]
+__all__ = ["glue_eval"]
 
 
-def glue_eval_errors(spec: dict[str, Any], task: str) -> list[str]:
-    """One-line problems with ``task.glue_eval`` for pretraining task ``task`` (off when its task is None)."""
-    if spec["task"] is None:
-        return []
-    errors = []
-    if TASK_MODALITIES.get(task) != "mlm":
-        errors.append(f"task.glue_eval applies to masked-LM pretraining tasks, not to {task!r}")
-    if spec["task"] not in SPECS:
-        errors.append(f"task.glue_eval.task={spec['task']!r}; valid: {', '.join(sorted(SPECS))}")
-    if spec["steps"] < 1 or spec["batch_size"] < 1 or spec["lr"] <= 0:
-        errors.append("task.glue_eval needs steps >= 1, batch_size >= 1 and lr > 0")
-    return errors
-
-
-def glue_eval(
-    pretrained: ModelBundle, spec: dict[str, Any], seed: int, device: torch.device
-) -> dict[str, Any]:
+def glue_eval(pretrained: ModelBundle, cfg: GlueEvalConfig, seed: int, device: torch.device
+              ) -> dict[str, Any]:
     """Fine-tune a classifier on the pretrained encoder, exact backprop; return ``glue_<task>_*`` metrics.
 
     The pretrained model is left as it is (the classifier holds copies of its weights). Head init and
     dropout draw from the global RNG re-seeded with ``seed`` inside ``fork_rng``, so every sampler's
     encoder is fine-tuned under the same randomness and the caller's RNG stream is untouched.
     """
-    cfg = GlueEvalConfig(**spec)
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         bundle = classifier_from_mlm(pretrained, SPECS[cfg.task].num_labels)

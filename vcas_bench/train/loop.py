@@ -81,17 +81,18 @@ def train(
             batch = batches.next()
             if index == 0:  # the stream rolls over to the next epoch lazily, when this batch is drawn
                 epoch = batches.epoch
-            phase = None
+            folded = None
             # F counts optimizer steps: the variance phase runs once, before the step's first micro-batch.
             # It takes its gradients with autograd.grad, so a gradient accumulated in .grad is never lost.
             if index == 0 and sampler.adapt_due(step):
                 probe = meter.is_probe("phase", len(result.phase_log))
                 with timer.unit("phase", timed=not probe), meter.unit("phase", probe):
-                    phase = sampler.adapt(step, loss_fn, state.extra, batch)
-                result.phase_log.append(phase)
-                result.analytic_cost += phase.get("phase_cost", 0.0) / options.accumulate
-            if phase is not None and phase.get("folded_step"):
-                stats = sampler.step(batch, loss_fn)  # applies the phase's exact gradient: phase work
+                    report = sampler.adapt(step, loss_fn, state.extra, batch)
+                result.phase_log.append(report.log)
+                result.analytic_cost += report.cost / options.accumulate
+                folded = report.folded_step
+            if folded is not None:  # the phase did this micro-batch's backward: its work is the phase's
+                stats = folded
             else:
                 probe = meter.is_probe("step", result.micro_steps)
                 timed = result.micro_steps >= warm and not probe  # warm-up and counted steps: not timed

@@ -30,6 +30,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,18 +42,19 @@ from vcas_bench.samplers import LossFn, Sampler
 from vcas_bench.train.data import IndexedRows
 from vcas_bench.vcas.autograd import RowSampler
 from vcas_bench.vcas.variance import (
-    _buffer_snapshot,
-    _cuda_devices,
-    _restore_buffers,
-    _rng_state,
-    _set_rng_state,
+    buffer_snapshot,
+    cuda_devices,
     random_subset,
+    restore_buffers,
+    rng_state,
     sample_variance,
+    set_rng_state,
     squared_distances,
 )
 from vcas_bench.vcas.wrap import find_blocks
 
-__all__ = ["MonitorSettings", "VarianceRecord", "VarianceMonitor", "GradientSample", "block_weights"]
+__all__ = ["MonitorSettings", "VarianceRecord", "VarianceMonitor", "GradientSample", "block_weights",
+           "monitor_summary"]
 
 MONITOR_SEED_OFFSET = 2_000_029  # the monitor's batches: apart from training's and the phases' streams
 
@@ -141,6 +143,20 @@ def statistics(sample: GradientSample) -> dict[str, float]:
             "bias_over_V_s": over_V_s(bias_sq), "bias_z": z}
 
 
+def monitor_summary(log: list[dict[str, Any]]) -> dict[str, Any]:
+    """The monitor's own cost (kept out of the sampler's time and FLOPs) and its mean readings."""
+    if not log:
+        return {}
+    timed = [r["time_s"] for r in log if math.isfinite(r["time_s"])]
+    counted = [r["flops"] for r in log if math.isfinite(r["flops"])]
+    mean = (lambda xs: sum(xs) / len(xs) if xs else None)
+    return {"monitor_measurements": len(log),
+            "monitor_time_s": mean(timed) * len(log) if timed else None,
+            "monitor_flops": mean(counted) * len(log) if counted else None,
+            "monitor_extra_over_V_s_mean": mean([r["extra_over_V_s"] for r in log]),
+            "monitor_bias_over_V_s_mean": mean([r["bias_over_V_s"] for r in log])}
+
+
 def _zeros(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.zeros_like(t) for t in tensors]
 
@@ -194,23 +210,23 @@ class VarianceMonitor:
         fractions = [len(p) / w.numel() for p, w in zip(probes, weights)]
         saved_grads = [p.grad for p in params]
         saved_state = copy.deepcopy(sampler.state_dict())
-        buffers = _buffer_snapshot(model)
+        buffers = buffer_snapshot(model)
         exact, sampled = [], []
         try:
-            with torch.random.fork_rng(devices=_cuda_devices(params)):
+            with torch.random.fork_rng(devices=cuda_devices(params)):
                 for batch in self.fresh_batches(step):
-                    rng = _rng_state()
+                    rng = rng_state()
                     with _exact_backward(model, sampler):
                         exact.append(self._pass(params, weights, probes, lambda b: _mean_backward(loss_fn, b),
                                                 batch))
                     draws = []
                     for _ in range(self.settings.draws_per_batch):
-                        _set_rng_state(rng)  # the exact pass's dropout masks: only the sampler's draws differ
+                        set_rng_state(rng)  # the exact pass's dropout masks: only the sampler's draws differ
                         draws.append(self._pass(params, weights, probes, _draw(sampler, loss_fn), batch))
                     sampled.append(draws)
         finally:
             sampler.load_state_dict(saved_state)
-            _restore_buffers(model, buffers)
+            restore_buffers(model, buffers)
             for param, grad in zip(params, saved_grads):
                 param.grad = grad
         return GradientSample(exact, sampled, fractions)

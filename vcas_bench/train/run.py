@@ -22,13 +22,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from vcas_bench.assets import MissingAsset
+from vcas_bench.config import GlueEvalConfig, SamplerSpec, sampler_specs
 from vcas_bench.errors import RunDiverged, RunInterrupted, UsageError
 from vcas_bench.measure.flops import FlopMeter
-from vcas_bench.measure.timers import UnitTimer, peak_memory_mb, reset_peak_memory
+from vcas_bench.measure.memory import peak_memory_mb, reset_peak_memory
+from vcas_bench.measure.timers import UnitTimer
 from vcas_bench.models import create_model
 from vcas_bench.report.files import write_csv, write_json
 from vcas_bench.report.table import comparison_rows, markdown_table
-from vcas_bench.samplers import create_sampler
+from vcas_bench.samplers import SAMPLERS, Sampler
 from vcas_bench.tasks import TASK_MODALITIES, create_task
 from vcas_bench.train import build
 from vcas_bench.train.data import EpochPlanner, build_extra_stream, build_train_stream
@@ -36,7 +38,7 @@ from vcas_bench.train.distributed import Dist, close_distributed, init_distribut
 from vcas_bench.train.glue_eval import glue_eval
 from vcas_bench.train.guard import OutputLock, StopSignals, write_status
 from vcas_bench.train.loop import LoopOptions, train
-from vcas_bench.train.monitor import MonitorSettings, VarianceMonitor
+from vcas_bench.train.monitor import MonitorSettings, VarianceMonitor, monitor_summary
 from vcas_bench.train.resume import (
     Resume,
     check_resume_target,
@@ -46,22 +48,14 @@ from vcas_bench.train.resume import (
     run_settings,
 )
 from vcas_bench.train.state import Checkpointer, LoopResult, TrainState, latest_checkpoint, remove_leftovers
+from vcas_bench.vcas.config import default_update_period
 
 
-def sampler_specs(cfg: DictConfig, conf_dir: Path | None) -> list[dict[str, Any]]:
-    """The samplers of this comparison, baselines first, each as ``{"name": ..., **settings}``."""
-    main = OmegaConf.to_container(cfg.sampler, resolve=True)
-    specs = []
-    for name in cfg.baselines:
-        if name != main["name"]:
-            path = conf_dir / "sampler" / f"{name}.yaml" if conf_dir else None
-            known = path is not None and path.exists()
-            specs.append(OmegaConf.to_container(OmegaConf.load(path)) if known else {"name": name})
-    return [*specs, main]
-
-
-def run(cfg: DictConfig, out_dir: Path, conf_dir: Path | None = None) -> list[dict[str, Any]]:
+def run(cfg: DictConfig, out_dir: Path, samplers: list[SamplerSpec] | None = None) -> list[dict[str, Any]]:
     """Run every sampler of the comparison; return their metrics (the last one is ``cfg.sampler``).
+
+    ``samplers``: the comparison's samplers as the CLI resolved them (:func:`vcas_bench.config.sampler_specs`,
+    baselines with their ``conf/sampler`` settings); None: baselines with their default settings.
 
     Holds ``out_dir`` against a second writer; SIGINT/SIGTERM end it at a step boundary with
     :class:`RunInterrupted`; ``status.json`` says how it ended (see :mod:`vcas_bench.train.guard`).
@@ -70,8 +64,8 @@ def run(cfg: DictConfig, out_dir: Path, conf_dir: Path | None = None) -> list[di
     datasets.disable_progress_bars()  # tokenising a few thousand rows needs no bar of its own
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
-    specs = sampler_specs(cfg, conf_dir)
-    check_resume_target(cfg.trainer.resume, [spec["name"] for spec in specs])
+    specs = samplers if samplers is not None else sampler_specs(cfg)
+    check_resume_target(cfg.trainer.resume, [spec.name for spec in specs])
     dist, device = init_distributed(build.build_device(cfg.trainer.device))  # torchrun's env, if any
     # Each rank may have its own Hydra run directory: all follow rank 0's (its checkpoints, resume).
     out_dir = dist.broadcast(out_dir)
@@ -84,12 +78,12 @@ def run(cfg: DictConfig, out_dir: Path, conf_dir: Path | None = None) -> list[di
     return results
 
 
-def _run_all(cfg: DictConfig, specs: list[dict[str, Any]], out_dir: Path, device: torch.device, dist: Dist,
+def _run_all(cfg: DictConfig, specs: list[SamplerSpec], out_dir: Path, device: torch.device, dist: Dist,
              stop: StopSignals) -> list[dict[str, Any]]:
     status = (lambda *a, **k: write_status(out_dir, *a, **k)) if dist.is_main else (lambda *a, **k: None)
     results: list[dict[str, Any]] = []
     for spec in specs:
-        name = spec["name"]
+        name = spec.name
         status("running", sampler=name)
         reference = results[0] if results else None
         try:
@@ -120,7 +114,7 @@ def _run_all(cfg: DictConfig, specs: list[dict[str, Any]], out_dir: Path, device
             return results
     if dist.is_main:
         _write_comparison(out_dir, results)
-    status("finished", samplers=[spec["name"] for spec in specs])
+    status("finished", samplers=[spec.name for spec in specs])
     return results
 
 
@@ -134,7 +128,7 @@ def _write_comparison(out_dir: Path, results: list[dict[str, Any]]) -> None:
 
 
 def run_one(
-    cfg: DictConfig, spec: dict[str, Any], run_dir: Path, reference: dict[str, Any] | None,
+    cfg: DictConfig, spec: SamplerSpec, run_dir: Path, reference: dict[str, Any] | None,
     device: torch.device, dist: Dist | None = None, stop: StopSignals | None = None,
 ) -> dict[str, Any]:
     """Train one sampler with the comparison's seed (or resume it); write and return its metrics.
@@ -145,14 +139,14 @@ def run_one(
     """
     started = time.perf_counter()
     dist = dist or Dist()
-    settings, force = run_settings(cfg, spec), cfg.trainer.resume_force
+    settings, force = run_settings(cfg, {"name": spec.name, **spec.configured}), cfg.trainer.resume_force
     finished = run_dir / "metrics.json"
     if cfg.trainer.resume == "auto" and finished.exists():  # finished before: not redone
         metrics = json.loads(finished.read_text())
         if "config" in metrics:  # written by a version that records its settings
             check_settings(Resume(finished, metrics), settings, force, "trainer.resume=auto")
         return metrics
-    resumed = find_resume(cfg.trainer.resume, run_dir, spec["name"], settings, force, writer=dist.is_main)
+    resumed = find_resume(cfg.trainer.resume, run_dir, spec.name, settings, force, writer=dist.is_main)
     if dist.is_main:
         remove_leftovers(run_dir)  # temporary files of a killed write (this process holds the directory)
     # Same model init and dropout stream for every sampler of a comparison; under DDP each rank its own
@@ -180,7 +174,7 @@ def run_one(
         checkpoint_every=cfg.trainer.checkpoint_every, stop_after=cfg.trainer.stop_after,
         epoch_steps=per_epoch if isinstance(sampler, EpochPlanner) else None,
     )
-    save = Checkpointer(state, run_dir, spec["name"], keep=cfg.trainer.keep_checkpoints,
+    save = Checkpointer(state, run_dir, spec.name, keep=cfg.trainer.keep_checkpoints,
                         gather=dist.gather if dist.world > 1 else None, writer=dist.is_main,
                         meta={"config": settings, "version": project_version()})
     save.last = resumed.path if resumed is not None else None
@@ -189,17 +183,17 @@ def run_one(
             state, build.build_loss_fn(bundle, device, cfg.trainer.precision),
             evaluate=lambda: build.evaluate_all(bundle, eval_loaders, device) if dist.is_main else {},
             options=options, save=save,
-            on_step=_wandb_logger(cfg, spec["name"], run_dir) if dist.is_main else None, dist=dist,
+            on_step=_wandb_logger(cfg, spec.name, run_dir) if dist.is_main else None, dist=dist,
             should_stop=stop.requested if stop is not None else None,
             monitor=_build_monitor(cfg, data, cfg.model.block_type or bundle.block_type, total_steps, dist),
         )
     finally:
         sampler.detach()
     if result.interrupted:
-        raise _interrupted(cfg, spec["name"], result.steps, total_steps, save, stop.signum, run_dir.parent)
+        raise _interrupted(cfg, spec.name, result.steps, total_steps, save, stop.signum, run_dir.parent)
     if result.stopped:
-        return {"sampler": spec["name"], "stopped_at_step": result.steps}
-    metrics = _metrics(cfg, spec, result, device, total_steps, per_epoch, reference)
+        return {"sampler": spec.name, "stopped_at_step": result.steps}
+    metrics = _metrics(cfg, spec, result, device, total_steps, per_epoch, reference, sampler.run_metrics())
     metrics["config"] = settings  # a later trainer.resume=auto compares against these
     if resumed is not None and resumed.forced:
         metrics.update(resume_force=True, resume_differences=resumed.forced)
@@ -210,7 +204,7 @@ def run_one(
     if not dist.is_main:
         return metrics
     if cfg.task.glue_eval.task is not None:  # pretraining is scored by fine-tuning on GLUE
-        glue = OmegaConf.to_container(cfg.task.glue_eval, resolve=True)
+        glue = GlueEvalConfig(**OmegaConf.to_container(cfg.task.glue_eval, resolve=True))
         metrics.update(glue_eval(bundle, glue, cfg.seed, device))
     write_json(run_dir / "metrics.json", metrics)
     write_csv(run_dir / "train_log.csv", result.train_log)
@@ -250,7 +244,7 @@ def _check_data(cfg: DictConfig, data, world: int) -> None:
         raise UsageError("; ".join(problems))
 
 
-def _build_state(cfg: DictConfig, spec: dict[str, Any], bundle, data, total_steps: int, per_epoch: int,
+def _build_state(cfg: DictConfig, spec: SamplerSpec, bundle, data, total_steps: int, per_epoch: int,
                  device: torch.device, dist: Dist) -> TrainState:
     """Sampler, optimizer, schedule, data streams, meters and loss scaler of a fresh run."""
     optim, batch_size, model = cfg.model.optim, cfg.task.batch_size, bundle.model
@@ -274,14 +268,12 @@ def _build_state(cfg: DictConfig, spec: dict[str, Any], bundle, data, total_step
     )
 
 
-def _create_sampler(cfg: DictConfig, spec: dict[str, Any], model, block_type: str, total_steps: int,
-                    dist: Dist):
-    settings = {k: v for k, v in spec.items() if k != "name"}
-    if spec["name"].startswith("vcas") and settings.get("F") is None and cfg.task.vcas_F:
-        settings["F"] = cfg.task.vcas_F
+def _create_sampler(cfg: DictConfig, spec: SamplerSpec, model, block_type: str, total_steps: int,
+                    dist: Dist) -> Sampler:
     # Own generator per rank (independent draws); decisions shared through the reduced statistics.
     reduce_fn = dist.mean_tensor if dist.world > 1 else None
-    sampler = create_sampler(spec["name"], seed=cfg.seed + dist.rank, reduce_fn=reduce_fn, **settings)
+    sampler = SAMPLERS.create(spec.name, settings=spec.settings, seed=cfg.seed + dist.rank,
+                              reduce_fn=reduce_fn)
     sampler.attach(model, block_type, total_steps)
     return sampler
 
@@ -292,27 +284,11 @@ def _build_monitor(cfg: DictConfig, data, block_type: str, total_steps: int, dis
     mon = cfg.monitor
     if not mon.enabled:
         return None
-    from vcas_bench.samplers.vcas import default_update_period
-
     every = mon.every or cfg.task.vcas_F or default_update_period(total_steps)
     settings = MonitorSettings(every=every, batches=mon.batches, draws=mon.draws,
                                param_sample_ratio=mon.param_sample_ratio)
     # The phases' rows: reading them draws no training randomness (c4's masks; docs of TaskData).
     return VarianceMonitor(settings, _phase_rows(data), cfg.task.batch_size, block_type, cfg.seed + dist.rank)
-
-
-def monitor_summary(log: list[dict[str, Any]]) -> dict[str, Any]:
-    """The monitor's own cost (kept out of the sampler's time and FLOPs) and its mean readings."""
-    if not log:
-        return {}
-    timed = [r["time_s"] for r in log if math.isfinite(r["time_s"])]
-    counted = [r["flops"] for r in log if math.isfinite(r["flops"])]
-    mean = (lambda xs: sum(xs) / len(xs) if xs else None)
-    return {"monitor_measurements": len(log),
-            "monitor_time_s": mean(timed) * len(log) if timed else None,
-            "monitor_flops": mean(counted) * len(log) if counted else None,
-            "monitor_extra_over_V_s_mean": mean([r["extra_over_V_s"] for r in log]),
-            "monitor_bias_over_V_s_mean": mean([r["bias_over_V_s"] for r in log])}
 
 
 def _build_model_and_data(cfg: DictConfig):
@@ -336,17 +312,18 @@ def final_train_loss(losses: list[float]) -> float:
     return sum(tail) / len(tail)
 
 
-def _metrics(cfg, spec, result, device, total_steps, per_epoch, reference) -> dict[str, Any]:
+def _metrics(cfg, spec: SamplerSpec, result: LoopResult, device, total_steps: int, per_epoch: int,
+             reference: dict[str, Any] | None, sampler_metrics: dict[str, Any]) -> dict[str, Any]:
     timer = result.timer
     train_time = timer.total()
     # Over the planned steps (those of the exact run): a data-level sampler takes fewer steps than planned.
     analytic = result.analytic_cost / total_steps
     flops = result.flops.totals()
     metrics = {
-        "task": cfg.task.name, "model": cfg.model.name, "sampler": spec["name"], "seed": cfg.seed,
+        "task": cfg.task.name, "model": cfg.model.name, "sampler": spec.name, "seed": cfg.seed,
         "steps": result.steps, "steps_per_epoch": per_epoch, "batch_size": cfg.task.batch_size,
         "accumulate": cfg.trainer.accumulate, "precision": cfg.trainer.precision,
-        "sampler_settings": {k: v for k, v in spec.items() if k != "name"},
+        "sampler_settings": spec.configured,
         "final_train_loss": final_train_loss([r["loss"] for r in result.train_log]),
         **{k: v for k, v in result.evals[-1].items() if k.startswith("eval_")},
         "evals": result.evals,
@@ -362,18 +339,14 @@ def _metrics(cfg, spec, result, device, total_steps, per_epoch, reference) -> di
         "analytic_flops_ratio": analytic,
         "flops_reduction_analytic": 1 - analytic,
         "adapt_phases": len(result.phase_log),
-        "vcas_F": result.phase_log[0].get("F") if result.phase_log else None,
+        "vcas_F": None,  # the sampler's run_metrics() give it when it has a period (VCAS)
         "experiment": cfg.get("name"),
         **monitor_summary(result.monitor_log),
         **flops,
         "device": str(device),
         **peak_memory_mb(device),
     }
-    if result.phase_log:
-        last = result.phase_log[-1]
-        metrics.update({f"final_{k}": last[k] for k in ("s", "rho_mean", "nu_mean", "V_act_over_V_s",
-                                                           "V_w_over_V_s") if k in last})
-        metrics["final_rho"], metrics["final_nu"] = last.get("rho"), last.get("nu")
+    metrics.update(sampler_metrics)  # the sampler's own (VCAS: vcas_F and its final schedule)
     if reference is not None:
         if reference["train_time_s"] > 0:  # 0 in very short runs: every step was warm-up or a probe
             metrics["time_reduction"] = 1 - train_time / reference["train_time_s"]

@@ -28,7 +28,7 @@ from torch import nn
 from vcas_bench.errors import UsageError
 from vcas_bench.measure.flops import FlopMeter
 from vcas_bench.measure.timers import UnitTimer
-from vcas_bench.samplers import Sampler
+from vcas_bench.samplers import LogRow, Sampler
 from vcas_bench.train.data import BatchStream
 
 __all__ = ["LoopResult", "TrainState", "Checkpointer", "UnreadableCheckpoint", "save_checkpoint",
@@ -41,8 +41,8 @@ FORMAT = 1
 class LoopResult:
     steps: int = 0  # optimizer steps
     micro_steps: int = 0  # forward+backward passes of training batches (steps x accumulate)
-    train_log: list[dict[str, Any]] = field(default_factory=list)
-    phase_log: list[dict[str, Any]] = field(default_factory=list)
+    train_log: list[LogRow] = field(default_factory=list)
+    phase_log: list[LogRow] = field(default_factory=list)  # the PhaseReports' logs: sampler_log.csv
     monitor_log: list[dict[str, Any]] = field(default_factory=list)  # variance monitor records
     evals: list[dict[str, Any]] = field(default_factory=list)
     timer: UnitTimer | None = None

@@ -14,7 +14,8 @@ beside it. ``vcas_bench.integrations`` drives it from a plain loop, HF ``Trainer
 """
 
 from vcas_bench.vcas.autograd import LinearSlot, RowSampler
-from vcas_bench.vcas.controller import PhaseStats, VcasConfig, VcasController, VcasSummary
+from vcas_bench.vcas.config import VcasConfig, default_update_period
+from vcas_bench.vcas.controller import PhaseStats, VcasController, VcasSummary
 from vcas_bench.vcas.flops import interval_cost_ratio, keep_ratio_cost, phase_cost_ratio, step_cost_ratio
 from vcas_bench.vcas.sampling import (
     bernoulli_keep,
@@ -28,7 +29,8 @@ from vcas_bench.vcas.sampling import (
 from vcas_bench.vcas.wrap import SampledLinear, Wrapped, auto_block_type, find_blocks, unwrap, wrap
 
 __all__ = [
-    "VcasConfig", "VcasController", "PhaseStats", "VcasSummary", "RowSampler", "LinearSlot", "SampledLinear",
+    "VcasConfig", "default_update_period", "VcasController", "PhaseStats", "VcasSummary", "RowSampler",
+    "LinearSlot", "SampledLinear",
     "Wrapped", "wrap", "unwrap", "find_blocks", "auto_block_type", "soft_topk", "bernoulli_keep", "row_norms",
     "find_top_sum",
     "monotone_envelope", "leverage_variance", "leverage_sample_matmul", "step_cost_ratio",

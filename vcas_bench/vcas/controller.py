@@ -31,59 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from vcas_bench.vcas.flops import phase_cost_ratio, step_cost_ratio
+from vcas_bench.vcas.config import VcasConfig
+from vcas_bench.vcas.flops import interval_cost_ratio, phase_cost_ratio, step_cost_ratio
 from vcas_bench.vcas.sampling import monotone_envelope
-from vcas_bench.vcas.variance import LossFn, VarianceEstimator
+from vcas_bench.vcas.variance import LossFn, VarianceEstimate, VarianceEstimator
 from vcas_bench.vcas.wrap import Wrapped, unwrap, wrap
 
-__all__ = ["VcasConfig", "VcasController", "PhaseStats", "VcasSummary"]
-
-
-@dataclass
-class VcasConfig:
-    """VCAS hyper-parameters; defaults are the paper's (docs/method.md §10)."""
-
-    tau_act: float = 0.025
-    tau_w: float = 0.025
-    alpha: float = 0.01
-    beta: float = 0.95
-    M: int = 2
-    F: int = 100
-    rho_ema: float = 0.6  # the authors' code smooths the rho schedule; 0 disables it
-    param_sample_ratio: float = 0.01  # fraction of weight entries used for the variance sums
-    # "entries": a random subset of weight entries (App. D); "rows": a random subset of output rows of
-    # each weight, so a variance pass computes only those rows of the weight-gradient GEMM.
-    variance_subset: str = "entries"
-    seed: int = 0
-    # Beyond the paper, all off by default (VcasConfig.plus() and the runner's `vcas-plus` turn them on):
-    reuse_forward: bool = False  # one forward per variance batch; its exact and SampleA backwards share it
-    fold_batch: bool = False  # the scheduled batch is the phase's first batch; its exact gradient is kept
-    alpha_max: float | None = None  # s step starts here and halves at every sign flip, down to alpha
-    beta_min: float | None = None  # per-linear nu multiplier starts here, moves halfway to beta at each flip
-    # Adaptive period: doubles (up to F_max_factor * F) while s oscillates, halves on a drift.
-    F_max_factor: int | None = None
-
-    @classmethod
-    def plus(cls, **overrides) -> VcasConfig:
-        """The ``vcas-plus`` preset (``README.md``, "vcas-plus"), shared by the runner's
-        ``sampler=vcas-plus`` and the library; ``overrides`` set any field (``F=50``, ``tau_act=0.05``)."""
-        preset = dict(rho_ema=0.0, variance_subset="rows", param_sample_ratio=0.05, reuse_forward=True,
-                      fold_batch=True, alpha_max=0.16, beta_min=0.7, F_max_factor=8)
-        return cls(**{**preset, **overrides})
-
-    def __post_init__(self) -> None:
-        checks = {
-            "tau_act": self.tau_act >= 0, "tau_w": self.tau_w >= 0, "alpha": 0 < self.alpha <= 1,
-            "beta": 0 < self.beta < 1, "M": self.M >= 2, "F": self.F >= 1,
-            "rho_ema": 0 <= self.rho_ema < 1, "param_sample_ratio": 0 < self.param_sample_ratio <= 1,
-            "alpha_max": self.alpha_max is None or self.alpha <= self.alpha_max <= 1,
-            "beta_min": self.beta_min is None or 0 < self.beta_min <= self.beta,
-            "F_max_factor": self.F_max_factor is None or self.F_max_factor >= 1,
-            "variance_subset": self.variance_subset in ("entries", "rows"),
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"invalid VCAS settings: {', '.join(f'{b}={getattr(self, b)}' for b in bad)}")
+__all__ = ["VcasController", "PhaseStats", "VcasSummary"]
 
 
 @dataclass
@@ -181,6 +135,16 @@ class VcasController:
         return [slot.nu for slot in self.sampler.linears]
 
     @property
+    def kept_fraction(self) -> list[float]:
+        """Per block, the fraction of rows SampleA kept in the last backward (bottom block first)."""
+        return list(self.sampler.kept_fraction)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's trainable parameters live."""
+        return self.params[0].device
+
+    @property
     def F_max(self) -> int | None:
         """The longest adaptive period, ``F_max_factor * F`` (None: the period stays ``F``)."""
         factor = self.config.F_max_factor
@@ -202,9 +166,13 @@ class VcasController:
         :meth:`folded_loss` holds ``batch``'s exact gradient: backpropagate it instead of a sampled loss."""
         if not self.should_adapt(step):
             return None
+        return self.adapt(loss_fn, self.phase_batches(batch, next_batch), step)
+
+    def phase_batches(self, batch: Any, next_batch: Callable[[], Any]) -> list[Any]:
+        """The ``M`` batches of a phase: fresh ones from ``next_batch()``, with ``fold_batch`` after
+        ``batch`` (the scheduled one, whose exact gradient the phase then keeps)."""
         fold = self.config.fold_batch
-        batches = [batch] * fold + [next_batch() for _ in range(self.config.M - fold)]
-        return self.adapt(loss_fn, batches, step)
+        return [batch] * fold + [next_batch() for _ in range(self.config.M - fold)]
 
     def step_cost(self) -> float:
         """Analytic FLOPs of one training step at the current rho / nu, relative to exact (method §9)."""
@@ -219,6 +187,11 @@ class VcasController:
         return phase_cost_ratio(self.sampler.rho, cfg.M, cfg.reuse_forward, weight_fraction) + (
             (1 - weight_fraction) / 3 if rows and cfg.fold_batch else 0.0)
 
+    def interval_cost(self) -> float:
+        """The paper's analytic cost r of one adaptation interval (``F`` steps and a phase) at the current
+        schedule, relative to exact training (method §9)."""
+        return interval_cost_ratio(self.sampler.rho, self.nu_per_block(), self.config.M, self.config.F)
+
     def count_step(self, cost: float | None = None) -> None:
         """Record one micro-batch's backward for the analytic FLOPs ratio (``cost`` overrides the sampled
         one: 0 for a folded micro-batch, whose work is the phase's)."""
@@ -232,6 +205,22 @@ class VcasController:
         """With ``fold_batch``: the loss and full gradient (over ``self.params``) of the last phase's
         first batch, once; the caller uses it as that step's update instead of a sampled backward."""
         return self.variance.take_folded()
+
+    def apply_folded(self) -> float | None:
+        """With ``fold_batch``, right after a phase: add the scheduled batch's exact gradient to ``.grad``
+        and count that micro-batch at cost 0 (its work is the phase's); return its loss. None when
+        there is nothing to fold. For a loop that owns ``.grad``: the gradient is the one of the phase's
+        ``loss_fn`` as it is (any loss scaling it applied included), and no DDP hook sees it. Loops that
+        scale the loss or average gradients in hooks backpropagate :meth:`folded_loss` instead."""
+        folded = self.take_folded()
+        if folded is None:
+            return None
+        loss, grads = folded
+        for param, grad in zip(self.params, grads):
+            if grad is not None:
+                param.grad = grad if param.grad is None else param.grad + grad
+        self.count_step(cost=0.0)
+        return loss
 
     def folded_loss(self, grad_mean_fn: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
                     ) -> torch.Tensor | None:
@@ -248,8 +237,7 @@ class VcasController:
             present = [g for g in grads if g is not None]
             means = iter(grad_mean_fn(present))
             grads = [None if g is None else next(means) for g in grads]
-        device = self.params[0].device
-        return _FoldedLoss.apply(torch.tensor(value, device=device), grads, *self.params)
+        return _FoldedLoss.apply(torch.tensor(value, device=self.device), grads, *self.params)
 
     def analytic_flops_ratio(self) -> float:
         """Analytic FLOPs spent so far relative to exact training of the same steps (docs/method.md §9)."""
@@ -310,29 +298,29 @@ class VcasController:
         self.last_phase_step = state.get("last_phase_step")  # absent in checkpoints of earlier versions
 
     # -- updates -------------------------------------------------------------------------------
-    def _update(self, est: dict[str, Any], step: int, cost: float) -> None:
+    def _update(self, est: VarianceEstimate, step: int, cost: float) -> None:
         cfg, sampler = self.config, self.sampler
-        V_s = sum(est["V_s_layer"])
-        if not all(map(math.isfinite, [V_s, est["V_act"], *est["V_w_layer"]])):
+        V_s = sum(est.V_s_layer)
+        if not all(map(math.isfinite, [V_s, est.V_act, *est.V_w_layer])):
             # An overflow (fp16 gradients) measured nothing usable: record it, change nothing.
             self.history.append(PhaseStats(
-                step=step, s=self.s, V_s=V_s, V_act=est["V_act"], V_w=sum(est["V_w_layer"]), rho=self.rho,
-                nu=self.nu, V_s_layer=est["V_s_layer"], V_w_layer=est["V_w_layer"], cost=cost))
+                step=step, s=self.s, V_s=V_s, V_act=est.V_act, V_w=sum(est.V_w_layer), rho=self.rho,
+                nu=self.nu, V_s_layer=est.V_s_layer, V_w_layer=est.V_w_layer, cost=cost))
             return
-        direction = +1 if est["V_act"] - cfg.tau_act * V_s >= 0 else -1
+        direction = +1 if est.V_act - cfg.tau_act * V_s >= 0 else -1
         self.alpha_now = self._s_step(direction)
         self._adapt_period(direction)
         self.direction = direction
         self.s = min(max(self.s + direction * self.alpha_now, 0.0), 1.0)
-        target = monotone_envelope(est["p"][direction])
+        target = monotone_envelope(est.keep_at[direction])
         sampler.rho = [cfg.rho_ema * old + (1 - cfg.rho_ema) * new for old, new in zip(sampler.rho, target)]
-        for i, (slot, v_w, v_s) in enumerate(zip(sampler.linears, est["V_w_layer"], est["V_s_layer"])):
+        for i, (slot, v_w, v_s) in enumerate(zip(sampler.linears, est.V_w_layer, est.V_s_layer)):
             up = v_w > cfg.tau_w * v_s
             beta = self._nu_multiplier(i, +1 if up else -1)
             slot.nu = min(1.0, slot.nu / beta) if up else slot.nu * beta
         self.history.append(PhaseStats(
-            step=step, s=self.s, V_s=V_s, V_act=est["V_act"], V_w=sum(est["V_w_layer"]),
-            rho=self.rho, nu=self.nu, V_s_layer=est["V_s_layer"], V_w_layer=est["V_w_layer"], cost=cost,
+            step=step, s=self.s, V_s=V_s, V_act=est.V_act, V_w=sum(est.V_w_layer),
+            rho=self.rho, nu=self.nu, V_s_layer=est.V_s_layer, V_w_layer=est.V_w_layer, cost=cost,
         ))
 
     def _flips(self, direction: int) -> bool:

@@ -21,18 +21,19 @@ RNG *state* captured before the exact pass inside ``torch.random.fork_rng``; not
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from vcas_bench.vcas.config import VcasConfig
 from vcas_bench.vcas.sampling import find_top_sum
 from vcas_bench.vcas.wrap import Wrapped
 
-if TYPE_CHECKING:
-    from vcas_bench.vcas.controller import VcasConfig
-
-__all__ = ["VarianceEstimator", "LossFn", "random_subset", "sample_variance", "squared_distances"]
+__all__ = ["VarianceEstimator", "VarianceEstimate", "LossFn", "random_subset", "sample_variance",
+           "squared_distances", "buffer_snapshot", "restore_buffers", "cuda_devices", "rng_state",
+           "set_rng_state"]
 
 LossFn = Callable[[Any], torch.Tensor]
 
@@ -55,6 +56,17 @@ def squared_distances(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Ten
     return torch.tensor([(x - y).square().sum().item() for x, y in zip(a, b)], dtype=torch.float64)
 
 
+@dataclass
+class VarianceEstimate:
+    """What one variance phase measured (averaged over ranks under data parallelism)."""
+
+    V_s_layer: list[float]  # SGD variance per measured weight (sampled linears first)
+    V_w_layer: list[float]  # SampleW variance per sampled linear at its current nu
+    V_act: float  # SampleA variance, summed over the measured weights
+    # Per block, the keep ratio Eq. 4 gives at each candidate s: {+1: at s_up, -1: at s_down}.
+    keep_at: dict[int, list[float]]
+
+
 class VarianceEstimator:
     """The variance phase of one wrapped model: its passes, probes and (with ``fold_batch``) the kept
     exact gradient of the scheduled batch. Draws come from the controller's ``generator``."""
@@ -69,7 +81,8 @@ class VarianceEstimator:
         self.folded: tuple[float, list[torch.Tensor]] | None = None  # (loss, gradient) of a folded batch
 
     # -- passes ------------------------------------------------------------------------
-    def estimate(self, loss_fn: LossFn, batches: list[Any], s_candidates: dict[int, float]) -> dict[str, Any]:
+    def estimate(self, loss_fn: LossFn, batches: list[Any], s_candidates: dict[int, float]
+                 ) -> VarianceEstimate:
         """V_s and V_w per weight, V_act, and per block the keep ratio Eq. 4 gives at each candidate s
         (``{+1: s_up, -1: s_down}``), averaged over ranks when there is a ``reduce_fn``."""
         estimate = self._estimate(loss_fn, batches, s_candidates)
@@ -81,10 +94,10 @@ class VarianceEstimator:
         return folded
 
     def _estimate(self, loss_fn: LossFn, batches: list[Any], s_candidates: dict[int, float]
-                  ) -> dict[str, Any]:
+                  ) -> VarianceEstimate:
         cfg, sampler = self.config, self.sampler
         weights = self.wrapped.variance_weights  # sampled linears first: V_s_layer[l] pairs with linear l
-        buffers = _buffer_snapshot(self.wrapped.model)
+        buffers = buffer_snapshot(self.wrapped.model)
         probes = [self.probe_subset(w) for w in weights]
         fractions = torch.tensor([self._probe_fraction(w, p) for w, p in zip(weights, probes)],
                                  dtype=torch.float64)
@@ -94,10 +107,10 @@ class VarianceEstimator:
         for slot in sampler.linears:
             slot.weight_variance = 0.0
         for i, batch in enumerate(batches):
-            rng_before = _rng_state()
+            rng_before = rng_state()
             loss = loss_fn(batch)
             if i == 0 and cfg.fold_batch:  # the scheduled batch's forward is a real training forward
-                buffers = _buffer_snapshot(self.wrapped.model)
+                buffers = buffer_snapshot(self.wrapped.model)
             g_exact = self._pass(loss, weights, probes, exact=True, fold=cfg.fold_batch and i == 0)
             for sign, s_cand in s_candidates.items():
                 candidates[sign] += torch.tensor([find_top_sum(n, s_cand) for n in sampler.norms])
@@ -108,30 +121,28 @@ class VarianceEstimator:
                 t2 += g.square()
             for j in range(cfg.M):
                 if not cfg.reuse_forward:
-                    with torch.random.fork_rng(devices=_cuda_devices(weights)):
-                        _set_rng_state(rng_before)  # same dropout masks as the exact pass
+                    with torch.random.fork_rng(devices=cuda_devices(weights)):
+                        set_rng_state(rng_before)  # same dropout masks as the exact pass
                         loss = loss_fn(batch)
                 g_act = self._pass(loss, weights, probes, exact=False, retain=j < cfg.M - 1)
                 act_sq += squared_distances(g_act, g_exact)
-        _restore_buffers(self.wrapped.model, buffers)
+        restore_buffers(self.wrapped.model, buffers)
         M = cfg.M
         V_s_layer = [float(sample_variance(t, t2, M) / r)
                      for t, t2, r in zip(sum_g, sum_g2, fractions.tolist())]
         V_w_layer = [slot.weight_variance / M**2 for slot in sampler.linears]
-        return {
-            "V_s_layer": V_s_layer, "V_w_layer": V_w_layer,
-            "V_act": float((act_sq / fractions).sum()) / M**2,
-            "p": {sign: (c / M).tolist() for sign, c in candidates.items()},
-        }
+        return VarianceEstimate(V_s_layer=V_s_layer, V_w_layer=V_w_layer,
+                                V_act=float((act_sq / fractions).sum()) / M**2,
+                                keep_at={sign: (c / M).tolist() for sign, c in candidates.items()})
 
-    def _reduce(self, est: dict[str, Any]) -> dict[str, Any]:
+    def _reduce(self, est: VarianceEstimate) -> VarianceEstimate:
         """The estimates averaged over ranks with ``reduce_fn``, in one call."""
-        n_s, n_w, n_b = len(est["V_s_layer"]), len(est["V_w_layer"]), self.sampler.num_blocks
-        flat = [*est["V_s_layer"], *est["V_w_layer"], est["V_act"], *est["p"][+1], *est["p"][-1]]
+        n_s, n_w, n_b = len(est.V_s_layer), len(est.V_w_layer), self.sampler.num_blocks
+        flat = [*est.V_s_layer, *est.V_w_layer, est.V_act, *est.keep_at[+1], *est.keep_at[-1]]
         mean = self.reduce_fn(torch.tensor(flat, dtype=torch.float64)).tolist()
         cut = [n_s, n_s + n_w, n_s + n_w + 1, n_s + n_w + 1 + n_b]
-        return {"V_s_layer": mean[: cut[0]], "V_w_layer": mean[cut[0] : cut[1]], "V_act": mean[cut[1]],
-                "p": {+1: mean[cut[2] : cut[3]], -1: mean[cut[3] :]}}
+        return VarianceEstimate(V_s_layer=mean[: cut[0]], V_w_layer=mean[cut[0] : cut[1]], V_act=mean[cut[1]],
+                                keep_at={+1: mean[cut[2] : cut[3]], -1: mean[cut[3] :]})
 
     def _pass(self, loss: torch.Tensor, weights, probes, exact: bool, retain: bool = False,
               fold: bool = False) -> list[torch.Tensor]:
@@ -187,28 +198,29 @@ class VarianceEstimator:
         return random_subset(n, self.config.param_sample_ratio, self.generator, device)
 
 
-def _buffer_snapshot(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+# Shared with the runner's variance monitor, which leaves no trace on training the same way.
+def buffer_snapshot(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(buf, buf.detach().clone()) for buf in model.buffers()]
 
 
-def _restore_buffers(model: nn.Module, snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def restore_buffers(model: nn.Module, snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Undo the variance phase's forwards on buffers (BatchNorm running mean/var, batch counter)."""
     with torch.no_grad():
         for buf, saved in snapshot:
             buf.copy_(saved)
 
 
-def _cuda_devices(tensors: list[torch.Tensor]) -> list[int]:
+def cuda_devices(tensors: list[torch.Tensor]) -> list[int]:
     return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
 
 
-def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+def rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     cuda_used = torch.cuda.is_available() and torch.cuda.is_initialized()
     cuda = torch.cuda.get_rng_state_all() if cuda_used else None
     return torch.get_rng_state(), cuda
 
 
-def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+def set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state_all(state[1])
