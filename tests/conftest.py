@@ -24,6 +24,17 @@ torch.set_num_threads(2)
 FAST = ["trainer.progress=false", "trainer.device=cpu"]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--update-golden", action="store_true",
+                     help="rewrite tests/golden/*.json from this run instead of comparing with them")
+
+
+@pytest.fixture
+def update_golden(request: pytest.FixtureRequest) -> bool:
+    """``--update-golden`` was given: golden tests write their files (and then skip) instead of comparing."""
+    return request.config.getoption("--update-golden")
+
+
 def compose_config(overrides: list[str], hydra: bool = False) -> DictConfig:
     """The config the CLI would build for ``overrides`` (with Hydra's own node when ``hydra``)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -2,14 +2,13 @@
 
 The table runs the real entry point (``vcas_bench.cli.main``) in process: every bad input ends with exit 2
 and exactly one stderr line that names the key, no traceback, and nothing trained. The rest covers the
-ends of a run: a corrupt newest checkpoint (every sampler resumes from the previous one and ends equal to
-an uninterrupted run), SIGINT (a real subprocess) and SIGTERM, a NaN stop, a resume with changed
-settings, a checkpoint of another sampler, and a second process writing into the same output directory.
+ends of a run: SIGINT (a real subprocess) and SIGTERM, a NaN stop, a resume with changed settings, a
+checkpoint of another sampler, and a second process writing into the same output directory. (A corrupt
+newest checkpoint, for every sampler: ``tests/samplers/test_registry.py``.)
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from vcas_bench.errors import UsageError
 from vcas_bench.samplers import SAMPLERS
 from vcas_bench.train import build
 from vcas_bench.train.run import run
-from vcas_bench.train.state import checkpoint_path, latest_checkpoint, load_checkpoint
+from vcas_bench.train.state import checkpoint_path, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -187,61 +186,6 @@ def test_a_run_shorter_than_the_warm_up_still_compares(steps, tmp_path, monkeypa
     metrics = json.loads((out / "sb" / "metrics.json").read_text())
     assert metrics["steps"] == steps and "time_reduction" not in metrics
     assert json.loads((out / "status.json").read_text())["status"] == "finished"
-
-
-def _log(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "train_log.csv") as handle:
-        return [{k: v for k, v in row.items() if k != "time_s"} for row in csv.DictReader(handle)]
-
-
-CORRUPTIONS = {
-    "empty": lambda data: b"",
-    "truncated": lambda data: data[: len(data) // 2],
-    "garbage": lambda data: os.urandom(len(data)),
-}
-RESUMED_SAMPLERS = {
-    "exact": "empty",
-    "vcas": "truncated",
-    "vcas-plus": "garbage",
-    "sb": "truncated",
-    "ub": "empty",
-}
-
-
-@pytest.mark.parametrize("sampler", list(RESUMED_SAMPLERS))
-def test_resume_skips_a_corrupt_newest_checkpoint_and_ends_as_if_never_stopped(
-    make_cfg, tmp_path, sampler, capsys
-):
-    """Checkpoints at steps 4 and 5 (stopped there, as a kill would); step 5's file is then broken and a
-    killed write's temporary file is left beside it. ``trainer.resume=auto`` names the bad file in one line,
-    sets it aside, removes the temporary file, resumes from step 4 and ends equal to an uninterrupted run."""
-    extra = ["sampler.F=2"] if sampler.startswith("vcas") else []
-    overrides = [
-        *DIGITS,
-        *SMALL,
-        f"sampler={sampler}",
-        *extra,
-        "trainer.max_steps=6",
-        "trainer.checkpoint_every=2",
-        "trainer.flops_every=0",
-    ]
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    (expected,) = run(make_cfg(*overrides, f"output_dir={whole}"), whole)
-    run(make_cfg(*overrides, f"output_dir={parts}", "trainer.stop_after=5"), parts)
-    newest = checkpoint_path(parts / sampler, 5)
-    newest.write_bytes(CORRUPTIONS[RESUMED_SAMPLERS[sampler]](newest.read_bytes()))
-    leftover = newest.with_name(".step_000000006.pt.tmp123")
-    leftover.write_bytes(b"\x80half")
-    capsys.readouterr()
-    (resumed,) = run(make_cfg(*overrides, f"output_dir={parts}", "trainer.resume=auto"), parts)
-    [line] = capsys.readouterr().err.strip().splitlines()
-    assert f"checkpoint {newest} is unreadable" in line and "using step_000000004.pt" in line
-    assert not leftover.exists() and newest.with_name(newest.name + ".corrupt").exists()
-    assert resumed["resumed_from_step"] == 4
-    assert _log(parts / sampler) == _log(whole / sampler)
-    final = [load_checkpoint(latest_checkpoint(d / sampler))["model"] for d in (whole, parts)]
-    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
-    assert resumed["eval_accuracy"] == expected["eval_accuracy"]
 
 
 def test_resume_with_changed_settings_is_refused_unless_forced(make_cfg, tmp_path, monkeypatch, capsys):

@@ -12,7 +12,7 @@ import pytest
 
 from vcas_bench.report.tables import TABLES, make_tables, variant
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PAPER_DIR = REPO / "results" / "paper"
 METHOD_DOC = REPO / "docs" / "method.md"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -31,7 +31,7 @@ DIGITS = ["task=digits", "model=vit-tiny", "baselines=[]", "task.args.train_size
 TIMES = {"time_s", "wall_clock_s", "train_time_s", "time_step_s", "time_optimizer_s", "time_phases_s",
          "time_per_step_ms", "time_forward_s", "time_backward_s", "process_max_rss_mb", "resumed_from_step",
          "timed_steps", "timed_phases", "time_reduction", "time_over_flops_reduction"}
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _rows(path: Path) -> list[dict[str, str]]:

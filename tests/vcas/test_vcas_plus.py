@@ -108,19 +108,24 @@ def test_period_doubles_while_s_oscillates_and_halves_on_a_drift():
     assert not ctrl.should_adapt(ctrl.next_phase - 1) and ctrl.should_adapt(ctrl.next_phase)
 
 
-@pytest.fixture(scope="module")
-def plus_run(tmp_path_factory):
-    """vcas-plus alone on the end-to-end setting of test_vcas_e2e (MiniLM, rt-polarity, 200 steps, seq
-    32, F = 10, tau = 0.025), with the preset's own alpha/beta schedules. ~2.5 minutes on 2 cores."""
+PLUS_F = {"vit-tiny": 4, "minilm": 10}
+
+
+@pytest.fixture(scope="module", params=["vit-tiny", pytest.param("minilm", marks=pytest.mark.slow)])
+def plus_run(request, tmp_path_factory):
+    """vcas-plus alone on an end-to-end setting of test_vcas_e2e (200 steps, tau = 0.025: vit-tiny on
+    MNIST, or MiniLM on rt-polarity at sequence 32, ~2.5 minutes on 2 cores), with the preset's own
+    alpha/beta schedules. F = 4 on vit-tiny: the adaptive period doubles while s oscillates near 1 (the
+    tiny ViT's rows are alike), and 200 steps must still hold enough phases for a median (22 seen)."""
     from conftest import compose_config
+    from test_vcas_e2e import SETTINGS
 
     from vcas_bench.train.run import run
 
-    out = tmp_path_factory.mktemp("vcas-plus")
+    out = tmp_path_factory.mktemp(f"vcas-plus-{request.param}")
     cfg = compose_config([
         "trainer.progress=false", "trainer.device=cpu", f"output_dir={out}", "trainer.max_steps=200",
-        "task.args.max_length=32", "task.args.train_size=6400", "task.args.eval_size=500",
-        "sampler=vcas-plus", "baselines=[]", "sampler.F=10",
+        *SETTINGS[request.param], "sampler=vcas-plus", "baselines=[]", f"sampler.F={PLUS_F[request.param]}",
     ])
     (metrics,) = run(cfg, out)
     with open(out / "vcas-plus" / "sampler_log.csv") as handle:

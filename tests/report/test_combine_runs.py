@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 _spec = importlib.util.spec_from_file_location(
-    "combine_runs", Path(__file__).resolve().parents[1] / "scripts" / "combine_runs.py")
+    "combine_runs", Path(__file__).resolve().parents[2] / "scripts" / "combine_runs.py")
 combine_runs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(combine_runs)
 
