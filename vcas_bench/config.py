@@ -19,7 +19,6 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from vcas_bench.rules import Rule, choice, directory, existing_path, flag, integer, number, show, type_rule
-from vcas_bench.train.loggers import LOGGER_PACKAGES
 
 
 @dataclass
@@ -116,6 +115,31 @@ def register_schemas() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
+
+# Where, how long and how visibly a process runs: changing these between a stop and a resume does not
+# change what the resumed run computes (train/resume.py), nor do they tell two sweep jobs apart
+# (report/sweeps.py).
+NOT_COMPARED = (
+    "output_dir",
+    "name",
+    "logger",
+    "baselines",
+    "trainer.resume",
+    "trainer.resume_force",
+    "trainer.stop_after",
+    "trainer.progress",
+    "trainer.checkpoint_every",
+    "trainer.keep_checkpoints",
+    "trainer.num_threads",
+    "trainer.time_detail",
+    "trainer.flops_every",
+    "trainer.device",
+)
+
+LOGGER_PACKAGES = {  # logger= choice -> the module it imports, also its pip extra (train/loggers.py)
+    "wandb": "wandb",
+    "tensorboard": "tensorboard",
+}
 
 # What each typed setting accepts (Hydra has checked its type; these add ranges, choices, null meanings).
 SETTING_RULES: dict[str, Rule] = {

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from vcas_bench.config import NOT_COMPARED
 from vcas_bench.report.runs import RunFolder, read_comparison
-from vcas_bench.train.resume import NOT_COMPARED
 
 __all__ = ["Sweep", "SweepJob", "is_sweep", "job_labels", "read_sweep"]
 

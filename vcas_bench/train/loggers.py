@@ -22,15 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-__all__ = ["LOGGER_PACKAGES", "LoggerTarget", "NoLogger", "RunLogger", "Section", "TensorBoardLogger",
+__all__ = ["LOGGERS", "LoggerTarget", "NoLogger", "RunLogger", "Section", "TensorBoardLogger",
            "WandbLogger", "comparison_group", "open_logger", "scalars"]
 
 Section = Literal["train", "phase", "eval", "monitor"]
-
-LOGGER_PACKAGES: dict[str, str] = {  # logger -> the module it imports, also the name of its pip extra
-    "wandb": "wandb",
-    "tensorboard": "tensorboard",
-}
 
 
 class RunLogger(Protocol):
@@ -123,6 +118,7 @@ class NoLogger:
         pass
 
 
+# One per logger= choice (vcas_bench/config.py LOGGER_PACKAGES names them and the package each needs).
 LOGGERS: dict[str, Callable[[LoggerTarget], RunLogger]] = {"wandb": WandbLogger,
                                                            "tensorboard": TensorBoardLogger}
 
