@@ -136,6 +136,7 @@ NOT_COMPARED = (
     "trainer.device",
 )
 
+GROUPS = ("task", "model", "sampler", "experiment")  # the config groups a command picks from (conf/<group>/)
 LOGGER_PACKAGES = {  # logger= choice -> the module it imports, also its pip extra (train/loggers.py)
     "wandb": "wandb",
     "tensorboard": "tensorboard",

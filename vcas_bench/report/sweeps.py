@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from vcas_bench.config import NOT_COMPARED
+from vcas_bench.config import GROUPS, NOT_COMPARED
 from vcas_bench.report.runs import RunFolder, read_comparison
 
 __all__ = ["Sweep", "SweepJob", "is_sweep", "job_labels", "read_sweep"]
@@ -49,8 +49,9 @@ def _parsed(overrides: tuple[str, ...]) -> dict[str, str]:
 
 
 def _short(key: str, value: str) -> str:
-    """``sampler.tau=0.025`` -> ``tau=0.025``; a group choice (``sampler=exact``) -> ``exact``."""
-    return value if "." not in key else f"{key.rsplit('.', 1)[1]}={value}"
+    """``sampler.tau=0.025`` -> ``tau=0.025``; a group choice (``sampler=exact``) -> ``exact``;
+    ``seed=1`` as it is."""
+    return value if key in GROUPS else f"{key.rsplit('.', 1)[-1]}={value}"
 
 
 def job_labels(overrides: dict[Path, tuple[str, ...]]) -> tuple[tuple[str, ...], dict[Path, str]]:
