@@ -130,8 +130,9 @@ def test_wandb_runs_are_grouped_per_comparison_with_phases_evals_and_summary(tmp
 
 
 def test_a_stopped_run_closes_its_logger_without_a_summary(tmp_path, monkeypatch, fake_wandb):
-    args = [*TWO_STEPS, "sampler=exact", "baselines=[]", "trainer.max_steps=4", "trainer.checkpoint_every=1",
-            "trainer.stop_after=1", "logger=wandb"]
+    args = [a for a in TWO_STEPS if not a.startswith("trainer.max_steps=")]
+    args += ["sampler=exact", "baselines=[]", "trainer.max_steps=4", "trainer.checkpoint_every=1",
+             "trainer.stop_after=1", "logger=wandb"]
     _cli(args, tmp_path, monkeypatch)
     (run,) = fake_wandb
     assert run.finished and run.summary == {} and sorted(_keys(run, "train/")) == [1]

@@ -76,7 +76,8 @@ def normalised_flops(train_log: pd.DataFrame, sampler_log: pd.DataFrame | None, 
 
 
 def _title(what: str, subject: str, reference: RunFolder) -> str:
-    return f"{what}\n{subject}: {setting_label(reference.metrics)}, seed {reference.metrics.get('seed', '?')}"
+    """What the figure shows, whose runs (the samplers), and the setting they ran in."""
+    return f"{what}\n{subject}\n{setting_label(reference.metrics)}, seed {reference.metrics.get('seed', '?')}"
 
 
 def _save(fig: Figure, path: Path) -> Path:
