@@ -115,7 +115,6 @@ def register_schemas() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
-
 # Where, how long and how visibly a process runs: changing these between a stop and a resume does not
 # change what the resumed run computes (train/resume.py), nor do they tell two sweep jobs apart
 # (report/sweeps.py).

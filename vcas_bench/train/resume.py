@@ -33,7 +33,6 @@ __all__ = [
 ]
 
 
-
 def project_version() -> str:
     try:
         return metadata.version("vcas-bench")
