@@ -12,31 +12,25 @@ other fairly (`vcas-bench` with baselines in one process does).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from vcas_bench.report.files import write_json
+from vcas_bench.report.runs import read_comparison, read_run
 from vcas_bench.report.table import comparison_rows, markdown_table
 
 SAME_SHAPES = ("task", "model", "batch_size", "accumulate")
 TIMES = ("time_reduction", "time_over_flops_reduction", "train_time_s", "time_forward_s", "time_backward_s",
          "time_optimizer_s", "time_phases_s")
-ORDER = {"exact": 0, "vcas": 1}  # then the rest, by name
 
 
 def load(folder: Path) -> list[dict[str, Any]]:
-    """Each ``<folder>/<job>/metrics.json``; a job folder named other than its sampler (an ablation of
-    one sampler's options) labels the row ``sampler (job)``."""
-    runs = []
-    for path in sorted(folder.glob("*/metrics.json")):
-        metrics = json.loads(path.read_text())
-        job, sampler = path.parent.name, metrics["sampler"]
-        metrics["label"] = sampler if job == sampler else f"{sampler} ({job})"
-        runs.append(metrics)
+    """The metrics of each ``<folder>/<job>/``, in method order, with the run's ``label``: a job folder
+    named other than its sampler (an ablation of one sampler's options) labels the row ``sampler (job)``."""
+    runs = [{**run.metrics, "label": run.label} for run in read_comparison(folder)]
     if not runs:
         raise SystemExit(f"combine_runs: no */metrics.json under {folder}")
-    return sorted(runs, key=lambda m: (ORDER.get(m["sampler"], 2), m["label"]))
+    return runs
 
 
 def exact_flops_per_step(runs: list[dict[str, Any]], exact_path: Path | None) -> dict[str, Any]:
@@ -45,7 +39,10 @@ def exact_flops_per_step(runs: list[dict[str, Any]], exact_path: Path | None) ->
         return own[0]
     if exact_path is None:
         raise SystemExit("combine_runs: the folder has no exact run; pass --exact <metrics.json>")
-    return json.loads(exact_path.read_text())
+    reference = read_run(exact_path)
+    if reference is None:
+        raise SystemExit(f"combine_runs: cannot read {exact_path} (a run's metrics.json)")
+    return reference.metrics
 
 
 def combine(runs: list[dict[str, Any]], exact: dict[str, Any]) -> list[dict[str, Any]]:

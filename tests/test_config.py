@@ -81,7 +81,7 @@ def test_conf_groups_mirror_the_registries():
         (["task.args.foo=1"], r"task 'rt-polarity' has no argument 'foo'; valid: data_dir"),
         (["trainer.max_steps=abc"], r"trainer.max_steps=abc"),
         (["baselines=[exact,nope]"], r"baselines: unknown sampler 'nope'"),
-        (["logger=mlflow"], r"logger=mlflow: must be one of wandb or null"),
+        (["logger=mlflow"], r"logger=mlflow: must be one of wandb, tensorboard or null"),
         (["task=cifar10", "model=vit-base", "model.args.backend=onnx"], r"backend=onnx: must be one"),
         (["task=cifar10", "model=bert-base"], r"task 'cifar10' is an image task but model 'bert-base'"),
         (["trainer.accumulate=0"], r"trainer.accumulate=0: must be an integer >= 1"),

@@ -20,10 +20,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from vcas_bench.config import SETTING_RULES, register_schemas, sampler_specs, validate
+from vcas_bench.config import GROUPS, SETTING_RULES, register_schemas, sampler_specs, validate
 from vcas_bench.errors import RunDiverged, RunInterrupted, UsageError
-
-GROUPS = ("task", "model", "sampler", "experiment")
 
 
 def find_conf_dir() -> Path:

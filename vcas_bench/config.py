@@ -111,7 +111,7 @@ class RunConfig:
     baselines: list[str] = field(default_factory=list)  # samplers run first, same seed and data
     seed: int = 0
     name: str | None = None  # the experiment's name, recorded in metrics.json
-    logger: str | None = None  # None | wandb
+    logger: str | None = None  # None | wandb | tensorboard (vcas_bench/train/loggers.py)
     output_dir: str | None = None  # None: Hydra's run directory
 
 
@@ -156,11 +156,36 @@ def register_schemas() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
+# Where, how long and how visibly a process runs: changing these between a stop and a resume does not
+# change what the resumed run computes (train/resume.py), nor do they tell two sweep jobs apart
+# (report/sweeps.py).
+NOT_COMPARED = (
+    "output_dir",
+    "name",
+    "logger",
+    "baselines",
+    "trainer.resume",
+    "trainer.resume_force",
+    "trainer.stop_after",
+    "trainer.progress",
+    "trainer.checkpoint_every",
+    "trainer.keep_checkpoints",
+    "trainer.num_threads",
+    "trainer.time_detail",
+    "trainer.flops_every",
+    "trainer.device",
+)
+
+GROUPS = ("task", "model", "sampler", "experiment")  # the config groups a command picks from (conf/<group>/)
+LOGGER_PACKAGES = {  # logger= choice -> the module it imports, also its pip extra (train/loggers.py)
+    "wandb": "wandb",
+    "tensorboard": "tensorboard",
+}
 
 # What each typed setting accepts (Hydra has checked its type; these add ranges, choices, null meanings).
 SETTING_RULES: dict[str, Rule] = {
     "seed": integer(0, 2**32 - 1),  # numpy's and sklearn's seeds are 32-bit
-    "logger": choice("wandb", null="no logger"),
+    "logger": choice(*LOGGER_PACKAGES, null="no logger"),
     "task.num_labels": integer(1),
     "task.epochs": number(0, open_low=True),
     "task.batch_size": integer(1),
@@ -342,8 +367,9 @@ def _combination_errors(cfg: DictConfig) -> list[str]:
                       "(null, auto, or a path)")
     if trainer.resume_force and trainer.resume is None:
         errors.append("trainer.resume_force=true: needs trainer.resume (auto or a path)")
-    if cfg.logger == "wandb" and importlib.util.find_spec("wandb") is None:
-        errors.append("logger=wandb needs the wandb package: pip install 'vcas-bench[wandb]'")
+    package = LOGGER_PACKAGES.get(cfg.logger)
+    if package is not None and importlib.util.find_spec(package) is None:
+        errors.append(f"logger={cfg.logger} needs the {package} package: pip install 'vcas-bench[{package}]'")
     return errors
 
 

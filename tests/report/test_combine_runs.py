@@ -51,3 +51,15 @@ def test_an_exact_run_of_other_shapes_is_refused(tmp_path):
     _write(tmp_path / "jobs", "vcas", steps=10, flops_total=5.0)
     with pytest.raises(SystemExit, match="batch_size"):
         combine_runs.main([str(tmp_path / "jobs"), "--exact", str(tmp_path / "ref/exact/metrics.json")])
+
+
+def test_rows_follow_the_method_order_and_an_unreadable_reference_is_named(tmp_path):
+    for sampler in ("vcas", "ub", "sb"):
+        _write(tmp_path / "jobs", sampler, steps=10, flops_total=10.0)
+    (tmp_path / "ref.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="cannot read .*ref.json"):
+        combine_runs.main([str(tmp_path / "jobs"), "--exact", str(tmp_path / "ref.json")])
+    _write(tmp_path / "jobs", "exact", steps=10, flops_total=20.0)
+    combine_runs.main([str(tmp_path / "jobs")])
+    rows = json.loads((tmp_path / "jobs" / "comparison.json").read_text())["rows"]
+    assert [r["sampler"] for r in rows] == ["exact", "sb", "ub", "vcas"]

@@ -1,8 +1,14 @@
-"""The comparison table a reader scans: few columns, one precision per kind, no misleading ratio."""
+"""The comparison a run ends with: a table a reader scans (few columns, one precision per kind, no
+misleading ratio) and the figures of its samplers."""
 
 from __future__ import annotations
 
 from vcas_bench.report.table import LEGEND, NO_SAVING, SHOWN, comparison_rows, markdown_table
+from vcas_bench.train.run import run
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["task=digits", "model=vit-tiny", "trainer.max_steps=2", "task.args.train_size=320",
+        "task.args.eval_size=64"]
 
 EXACT = {"sampler": "exact", "final_train_loss": 0.44771, "eval_accuracy": 0.806, "train_time_s": 167.61,
          "time_phases_s": 0.0, "time_optimizer_s": 8.5448, "keep_ratio_mean": 1.0, "steps": 150}
@@ -42,3 +48,28 @@ def test_no_conversion_is_shown_where_nothing_was_saved():
 def test_the_csv_rows_keep_every_metric():
     rows = comparison_rows([EXACT, LOSING_VCAS])
     assert rows[0]["time_optimizer_s"] == 8.5448 and rows[1]["final_s"] == 0.94
+
+
+def _figures(folder) -> set[str]:
+    found = {p.name for p in folder.glob("comparison_*.png")}
+    assert all((folder / name).read_bytes()[:8] == PNG_MAGIC for name in found)
+    return found
+
+
+def test_exact_alone_in_two_steps_ends_with_its_loss_figure(make_cfg, tmp_path):
+    """No variance phases, no monitor: only the figure it has data for, and no failure. A VCAS run left
+    in the folder by an earlier command is not part of this comparison: no variance figure from it."""
+    stale = tmp_path / "vcas"
+    stale.mkdir()
+    (stale / "metrics.json").write_text('{"sampler": "vcas", "sampler_settings": {"tau": 0.025}}')
+    (stale / "sampler_log.csv").write_text("step,s,V_act_over_V_s,V_w_over_V_s\n0,0.9,0.01,0.02\n")
+    run(make_cfg(*TINY, "sampler=exact", "baselines=[]"), tmp_path)
+    assert _figures(tmp_path) == {"comparison_loss_vs_flops.png"}
+
+
+def test_a_comparison_ends_with_figures_of_all_its_samplers(make_cfg, tmp_path):
+    """exact, vcas and vcas-plus in 2 steps (a phase each at step 0): loss, variance and schedule."""
+    run(make_cfg(*TINY, "sampler=vcas-plus", "baselines=[exact,vcas]"), tmp_path)
+    assert _figures(tmp_path) == {"comparison_loss_vs_flops.png", "comparison_variance.png",
+                                  "comparison_schedule.png"}
+    assert (tmp_path / "vcas-plus" / "sampler_log.csv").exists()

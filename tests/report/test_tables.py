@@ -10,6 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from vcas_bench.report.plots import sweep_lines
+from vcas_bench.report.runs import METHOD_ORDER, read_comparison
+from vcas_bench.report.sweeps import read_sweep
 from vcas_bench.report.tables import TABLES, make_tables, variant
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,7 +107,7 @@ def _write_run(folder: Path, sampler: str, seed: int = 0, tau: float = 0.025, F:
     settings = SETTINGS.get(sampler, vcas)
     metrics = {"task": "rt-polarity", "model": "minilm", "sampler": sampler, "seed": seed, "steps": STEPS,
                "batch_size": 32, "device": "cpu", "sampler_settings": settings, "experiment": None, **values}
-    if sampler == "vcas":
+    if sampler.startswith("vcas"):
         metrics["vcas_F"] = F
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps(metrics))
@@ -112,7 +115,7 @@ def _write_run(folder: Path, sampler: str, seed: int = 0, tau: float = 0.025, F:
     log = pd.DataFrame({"step": range(1, STEPS + 1), "epoch": 0, "loss": [1 / (1 + s) for s in range(STEPS)],
                         "lr": 1e-4, "time_s": 0.1, "keep_ratio": cost, "analytic_cost": cost})
     log.to_csv(folder / "train_log.csv", index=False)
-    if sampler == "vcas":
+    if sampler.startswith("vcas"):
         phases = range(0, STEPS, F)
         pd.DataFrame({"step": phases, "s": [1 - 0.01 * i for i, _ in enumerate(phases)], "rho_mean": 0.9,
                       "nu_mean": 0.8, "V_act_over_V_s": 0.02, "V_w_over_V_s": 0.01, "phase_cost": 0.3,
@@ -221,3 +224,59 @@ def test_figures_are_nonempty_pngs_named_after_the_comparison(tables):
     for path in tables.glob("*.png"):
         assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5000
     assert "table1_sst2_schedule.png" in (tables / "README.md").read_text()
+
+
+# ------------------------------------------------------------------------- the reader and the sweeps
+def _overrides(folder: Path, overrides: list[str]) -> None:
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+
+
+def test_the_reader_lists_a_comparison_in_method_order_with_its_logs_and_overrides(tmp_path):
+    jobs = {"zeta": "zeta", "vcas-plus": "vcas-plus", "fixed-F": "vcas-plus", "vcas": "vcas",
+            "infobatch": "infobatch", "ub": "ub", "sb": "sb", "exact": "exact"}
+    for job, sampler in jobs.items():
+        _write_run(tmp_path / job, sampler)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "metrics.json").write_text("{")  # skipped with a warning
+    _overrides(tmp_path, ["sampler.tau=0.1", "trainer.progress=false"])
+    runs = read_comparison(tmp_path)
+    assert [r.label for r in runs] == [*METHOD_ORDER, "vcas-plus (fixed-F)", "zeta"]
+    vcas = runs[METHOD_ORDER.index("vcas")]
+    assert vcas.overrides == ("sampler.tau=0.1", "trainer.progress=false")  # the comparison's record
+    assert list(vcas.sampler_log["step"]) == [0, 5, 10, 15] and vcas.variance_log is None
+    assert runs[0].sampler_log is None and list(runs[0].train_log["step"]) == list(range(1, STEPS + 1))
+
+
+def _write_sweep(results: Path) -> Path:
+    """A τ sweep as Hydra leaves it (jobs 0-2 out of τ order) and its exact reference run apart."""
+    sweep = results / "proxy" / "tau-sweep"
+    for job, tau in (("0", 0.1), ("1", 0.025), ("2", 0.5)):
+        _write_run(sweep / job / "vcas", "vcas", tau=tau)
+        _overrides(sweep / job, ["experiment=x", f"sampler.tau={tau}", "trainer.progress=False"])
+    _write_run(sweep / "exact" / "exact", "exact")
+    _overrides(sweep / "exact", ["experiment=x", "sampler=exact", "baselines=[]", "trainer.progress=false"])
+    (sweep / "multirun.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
+    return sweep
+
+
+def test_a_sweep_labels_its_jobs_by_the_swept_value_in_its_order(tmp_path):
+    sweep = read_sweep(_write_sweep(tmp_path))
+    assert sweep.knobs == ("sampler.tau",)  # trainer.progress=False vs false swept nothing
+    assert [job.label for job in sweep.jobs] == ["exact", "tau=0.025", "tau=0.1", "tau=0.5"]
+    lines = sweep_lines(sweep)
+    assert [line.label for line in lines] == ["exact", "tau=0.025", "tau=0.1", "tau=0.5"]
+    assert lines[0].color == "k" and len({line.color for line in lines}) == 4
+
+
+def test_make_tables_draws_one_overlaid_figure_set_per_sweep_and_every_comparison(tmp_path):
+    results = tmp_path / "results"
+    _write_sweep(results)
+    _write_run(results / "proxy" / "plus" / "vcas-plus", "vcas-plus")  # a comparison without `vcas`
+    written = make_tables(results, results / "tables", paper_dir=PAPER_DIR)
+    kinds = ("loss_vs_flops", "variance", "schedule")
+    assert {p.name for p in written if p.suffix == ".png"} == {f"{name}_{kind}.png" for name in
+                                                              ("tau-sweep", "plus") for kind in kinds}
+    for path in (results / "tables").glob("*.png"):
+        assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5000
+    assert "tau-sweep_loss_vs_flops.png" in (results / "tables" / "README.md").read_text()

@@ -8,7 +8,6 @@ Our proxy tasks and models stand for the paper's by ``PROXY_FOR``; the paper's n
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -19,7 +18,9 @@ import numpy as np
 import pandas as pd
 
 from vcas_bench.report.files import _atomic_write, write_csv
-from vcas_bench.report.plots import plot_comparison
+from vcas_bench.report.plots import plot_comparison, plot_sweep
+from vcas_bench.report.runs import RunFolder, effective_tau, find_runs, finite_number, setting_label
+from vcas_bench.report.sweeps import is_sweep
 from vcas_bench.vcas.config import VcasConfig
 
 log = logging.getLogger(__name__)
@@ -105,24 +106,10 @@ TABLES = (
 
 
 # ---------------------------------------------------------------------------------------------- our runs
-def _number(value: Any) -> float | None:
-    """A finite number, or None (absent, null, text, NaN)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-def effective_tau(settings: dict[str, Any]) -> tuple[float | None, float | None]:
-    """(τ_act, τ_w) a VCAS run used: each falls back to ``tau`` when unset."""
-    tau = _number(settings.get("tau"))
-    act, w = _number(settings.get("tau_act")), _number(settings.get("tau_w"))
-    return (tau if act is None else act), (tau if w is None else w)
-
-
 def vcas_F(metrics: dict[str, Any]) -> float | None:
     """The adaptation period a VCAS run used: ``vcas_F``, else an explicit ``sampler_settings.F``."""
-    used = _number(metrics.get("vcas_F"))
-    return used if used is not None else _number((metrics.get("sampler_settings") or {}).get("F"))
+    used = finite_number(metrics.get("vcas_F"))
+    return used if used is not None else finite_number((metrics.get("sampler_settings") or {}).get("F"))
 
 
 def variant(sampler: str | None, settings: dict[str, Any], F: float | None) -> str:
@@ -132,40 +119,23 @@ def variant(sampler: str | None, settings: dict[str, Any], F: float | None) -> s
         parts = [f"tau={act:g}" if act == w and act is not None else f"tau-act={act}, tau-w={w}",
                  f"F={F:g}" if F is not None else "F=?"]
         parts += [f"{k}={settings[k]:g}" for k, v in VCAS_DEFAULTS.items()
-                  if _number(settings.get(k)) is not None and settings[k] != v]
+                  if finite_number(settings.get(k)) is not None and settings[k] != v]
     elif sampler == "sb":
-        ratio = _number(settings.get("fixed_ratio"))
+        ratio = finite_number(settings.get("fixed_ratio"))
         parts = [f"ratio={ratio:g}" if ratio is not None else f"beta={settings.get('beta')}"]
     else:
-        parts = [f"{k}={v:g}" for k, v in settings.items() if _number(v) is not None]
+        parts = [f"{k}={v:g}" for k, v in settings.items() if finite_number(v) is not None]
     return ", ".join(parts) or NONE
 
 
-def setting_label(metrics: dict[str, Any]) -> str:
-    """``rt-polarity / minilm / 150 steps, bs 32 (CPU proxy)``: where one of our numbers comes from."""
-    device = str(metrics.get("device") or "")
-    hardware = "CPU " if device.startswith("cpu") else ("GPU " if device else "")
-    return (f"{metrics.get('task', '?')} / {metrics.get('model', '?')} / {metrics.get('steps', '?')} steps, "
-            f"bs {metrics.get('batch_size', '?')} ({hardware}proxy)")
-
-
-def _record(path: Path, results_dir: Path) -> dict[str, Any] | None:
-    """One run as a flat row in the paper's units; None (with a warning) if it cannot be read."""
-    try:
-        metrics = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        log.warning("skipping %s: %s", path, error)
-        return None
-    sampler = metrics.get("sampler")
-    if not isinstance(sampler, str):
-        log.warning("skipping %s: no sampler", path)
-        return None
-    settings = metrics.get("sampler_settings") or {}
+def _record(run: RunFolder, results_dir: Path) -> dict[str, Any]:
+    """One run as a flat row in the paper's units."""
+    metrics, sampler, settings = run.metrics, run.sampler, run.settings
     F = vcas_F(metrics) if sampler == "vcas" else None
     act, w = effective_tau(settings) if sampler == "vcas" else (None, None)
     model = PROXY_FOR.get(str(metrics.get("model")), f"({metrics.get('model')})")
     return {
-        "run_dir": str(path.parent.relative_to(results_dir)), "comparison_dir": str(path.parent.parent),
+        "run_dir": str(run.path.relative_to(results_dir)), "comparison_dir": str(run.path.parent),
         "task": metrics.get("task"), "model": metrics.get("model"), "sampler": sampler,
         "method": METHODS.get(sampler, sampler), "seed": metrics.get("seed"),
         "experiment": metrics.get("experiment"),
@@ -173,8 +143,8 @@ def _record(path: Path, results_dir: Path) -> dict[str, Any] | None:
         "dataset": PROXY_FOR.get(str(metrics.get("task")), f"({metrics.get('task')})"),
         "setting": setting_label(metrics), "variant": variant(sampler, settings, F),
         "tau": 0.0 if sampler == "exact" else (act if act == w else None),
-        "F": 0.0 if sampler == "exact" else F, "flops_total": _number(metrics.get("flops_total")),
-        **{col: (None if (v := _number(metrics.get(key))) is None else v * factor)
+        "F": 0.0 if sampler == "exact" else F, "flops_total": finite_number(metrics.get("flops_total")),
+        **{col: (None if (v := finite_number(metrics.get(key))) is None else v * factor)
            for col, (key, factor) in OURS.items()},
     }
 
@@ -182,9 +152,7 @@ def _record(path: Path, results_dir: Path) -> dict[str, Any] | None:
 def load_runs(results_dir: Path) -> pd.DataFrame:
     """Every run under ``results_dir`` (one row each), skipping ``paper/``, ``tables/`` and ``bench/``."""
     results_dir = Path(results_dir)
-    paths = sorted(p for p in results_dir.rglob("metrics.json")
-                   if not SKIP_DIRS & set(p.relative_to(results_dir).parts[:1]))
-    records = [r for r in (_record(p, results_dir) for p in paths) if r is not None]
+    records = [_record(run, results_dir) for run in find_runs(results_dir, skip=SKIP_DIRS)]
     columns = ["run_dir", "comparison_dir", "task", "model", "sampler", "method", "seed", "experiment",
                "paper_task", "paper_model", "dataset", "setting", "variant", "tau", "F", "flops_total", *OURS]
     runs = pd.DataFrame(records, columns=columns)
@@ -352,16 +320,23 @@ def write_table(table: pd.DataFrame, spec: TableSpec, out_dir: Path) -> list[Pat
     return [stem.with_suffix(s) for s in (".md", ".csv", ".tex")]
 
 
-def _comparisons_with_vcas(runs: pd.DataFrame, results_dir: Path) -> list[tuple[Path, str]]:
-    """(comparison folder, figure name) for every comparison that has a VCAS run."""
-    out = []
-    for folder in sorted(set(runs.loc[runs["sampler"] == "vcas", "comparison_dir"])):
-        if not Path(folder).is_relative_to(results_dir):  # a run folder directly in results/
-            continue
-        parts = Path(folder).relative_to(results_dir).parts
-        parts = parts[1:] if parts[:1] == ("proxy",) and len(parts) > 1 else parts
-        out.append((Path(folder), "_".join(parts) or results_dir.name))
-    return out
+def _figure_name(folder: Path, results_dir: Path) -> str:
+    """``results/proxy/table4-proxy`` -> ``table4-proxy``; ``results/x/y`` -> ``x_y``."""
+    parts = folder.relative_to(results_dir).parts if folder.is_relative_to(results_dir) else (folder.name,)
+    parts = parts[1:] if parts[:1] == ("proxy",) and len(parts) > 1 else parts
+    return "_".join(parts) or results_dir.name
+
+
+def write_figures(runs: pd.DataFrame, results_dir: Path, out_dir: Path) -> list[Path]:
+    """The figures of every comparison folder, and one overlaid set per sweep (a folder with Hydra's
+    ``multirun.yaml``: its jobs' comparisons are drawn together, labelled by the swept value)."""
+    comparisons = sorted({Path(folder) for folder in runs["comparison_dir"]})
+    sweeps = sorted({folder.parent for folder in comparisons if is_sweep(folder.parent)})
+    written = [p for sweep in sweeps for p in plot_sweep(sweep, out_dir, _figure_name(sweep, results_dir))]
+    for folder in comparisons:
+        if folder.parent not in sweeps:
+            written += plot_comparison(folder, out_dir, _figure_name(folder, results_dir))
+    return written
 
 
 def write_index(out_dir: Path, runs: pd.DataFrame, tables: list[Path], figures: list[Path]) -> Path:
@@ -380,7 +355,7 @@ def write_index(out_dir: Path, runs: pd.DataFrame, tables: list[Path], figures: 
         lines.append(f"| {spec.title} | {files} |")
     lines += ["", "Tables 8 (WideResNet-18 ImageNet pretraining) and 9 (BERT-base pretraining, GLUE) have no "
               "proxy here: see `results/paper/table8.csv`, `table9.csv`.", "", "## Figures", ""]
-    lines += [f"- [`{p.name}`]({p.name})" for p in figures] or ["No comparison with a VCAS run yet."]
+    lines += [f"- [`{p.name}`]({p.name})" for p in figures] or ["No run yet."]
     return _write_text(Path(out_dir) / "README.md", "\n".join(lines) + "\n")
 
 
@@ -390,11 +365,10 @@ def _write_text(path: Path, text: str) -> Path:
 
 
 def make_tables(results_dir: Path, out_dir: Path, paper_dir: Path | None = None) -> list[Path]:
-    """Write every table, the figures of each comparison with a VCAS run, and the index; return the paths."""
+    """Write every table, the figures of each comparison and sweep, and the index; return the paths."""
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     paper_dir = Path(paper_dir) if paper_dir is not None else results_dir / "paper"
     runs = load_runs(results_dir)
     tables = [p for spec in TABLES for p in write_table(build_table(spec, runs, paper_dir), spec, out_dir)]
-    figures = [p for folder, name in _comparisons_with_vcas(runs, results_dir)
-               for p in plot_comparison(folder, out_dir, name)]
+    figures = write_figures(runs, results_dir, out_dir)
     return [*tables, *figures, write_index(out_dir, runs, tables, figures)]

@@ -17,6 +17,7 @@ from vcas_bench.train.distributed import Dist
 from vcas_bench.train.state import Checkpointer, LoopResult, TrainState
 
 if TYPE_CHECKING:
+    from vcas_bench.train.loggers import RunLogger
     from vcas_bench.train.monitor import VarianceMonitor
 
 __all__ = ["LoopOptions", "LoopResult", "train"]
@@ -47,7 +48,7 @@ def train(
     evaluate: Callable[[], dict[str, float]],
     options: LoopOptions,
     save: Checkpointer | None = None,
-    on_step: Callable[[dict[str, Any]], None] | None = None,
+    logger: RunLogger | None = None,
     dist: Dist | None = None,
     should_stop: Callable[[], bool] | None = None,
     monitor: VarianceMonitor | None = None,
@@ -58,7 +59,8 @@ def train(
     the end, and before a ``stop_after`` stop or a ``should_stop()`` one (a signal, read once per step).
     Under ``dist`` (data parallel) gradients and the logged loss are averaged over ranks before the update.
     A ``monitor`` measures the sampler's extra variance after the update of every ``every``-th step,
-    outside the timer's and the FLOP meter's units (its cost is its own).
+    outside the timer's and the FLOP meter's units (its cost is its own). A ``logger`` gets every step's
+    row, phase, monitor reading and evaluation as they are made.
     """
     dist = dist or Dist()
     model, sampler, optimizer, scheduler = state.model, state.sampler, state.optimizer, state.scheduler
@@ -89,6 +91,8 @@ def train(
                 with timer.unit("phase", timed=not probe), meter.unit("phase", probe):
                     report = sampler.adapt(step, loss_fn, state.extra, batch)
                 result.phase_log.append(report.log)
+                if logger:
+                    logger.log("phase", step, report.log)
                 result.analytic_cost += report.cost / options.accumulate
                 folded = report.folded_step
             if folded is not None:  # the phase did this micro-batch's backward: its work is the phase's
@@ -113,10 +117,12 @@ def train(
                "time_s": timer.total(), "keep_ratio": sum(s.keep_ratio for s in micro) / len(micro),
                "analytic_cost": cost, **micro[-1].extra}
         result.train_log.append(row)
-        if on_step:
-            on_step(row)
+        if logger:
+            logger.log("train", result.steps, row)
         if monitor is not None and monitor.due(result.steps):  # after the update: .grad is clear
             result.monitor_log.append(asdict(monitor.measure(result.steps, model, sampler, loss_fn)))
+            if logger:
+                logger.log("monitor", result.steps, result.monitor_log[-1])
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", keep=f"{row['keep_ratio']:.2f}")
         # After each epoch (an accumulation window may end in the next one) and at the end.
@@ -125,6 +131,8 @@ def train(
         if crossed or done:
             epochs = batches.epoch + (batches.epoch_done or not crossed)  # a partial last epoch counts
             result.evals.append({"step": result.steps, "epoch": epochs, **evaluate()})
+            if logger:
+                logger.log("eval", result.steps, result.evals[-1])
         asked = should_stop is not None and dist.mean(float(should_stop())) > 0  # any rank: all stop here
         stop = (asked or options.stop_after is not None and result.steps - started >= options.stop_after) \
             and not done

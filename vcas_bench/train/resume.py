@@ -18,6 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vcas_bench.config import NOT_COMPARED
 from vcas_bench.errors import UsageError
 from vcas_bench.rules import show
 from vcas_bench.train.state import UnreadableCheckpoint, checkpoints, load_checkpoint
@@ -30,25 +31,6 @@ __all__ = [
     "settings_differences",
     "check_resume_target",
 ]
-
-# Where, how long and how visibly a process runs: changing these between a stop and a resume does not
-# change what the resumed run computes.
-NOT_COMPARED = (
-    "output_dir",
-    "name",
-    "logger",
-    "baselines",
-    "trainer.resume",
-    "trainer.resume_force",
-    "trainer.stop_after",
-    "trainer.progress",
-    "trainer.checkpoint_every",
-    "trainer.keep_checkpoints",
-    "trainer.num_threads",
-    "trainer.time_detail",
-    "trainer.flops_every",
-    "trainer.device",
-)
 
 
 def project_version() -> str:

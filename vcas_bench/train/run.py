@@ -29,6 +29,7 @@ from vcas_bench.measure.memory import peak_memory_mb, reset_peak_memory
 from vcas_bench.measure.timers import UnitTimer
 from vcas_bench.models import create_model
 from vcas_bench.report.files import write_csv, write_json
+from vcas_bench.report.plots import write_comparison_figures
 from vcas_bench.report.table import comparison_rows, markdown_table
 from vcas_bench.samplers import SAMPLERS, Sampler
 from vcas_bench.tasks import TASK_MODALITIES, create_task
@@ -37,6 +38,7 @@ from vcas_bench.train.data import EpochPlanner, build_extra_stream, build_train_
 from vcas_bench.train.distributed import Dist, close_distributed, init_distributed
 from vcas_bench.train.glue_eval import glue_eval
 from vcas_bench.train.guard import OutputLock, StopSignals, write_status
+from vcas_bench.train.loggers import open_logger
 from vcas_bench.train.loop import LoopOptions, train
 from vcas_bench.train.monitor import MonitorSettings, VarianceMonitor, monitor_summary
 from vcas_bench.train.resume import (
@@ -125,6 +127,7 @@ def _write_comparison(out_dir: Path, results: list[dict[str, Any]]) -> None:
     table = markdown_table(rows)
     (out_dir / "comparison.md").write_text(table + "\n")
     print(table)
+    write_comparison_figures(out_dir, [r["sampler"] for r in results])  # comparison_*.png
 
 
 def run_one(
@@ -178,17 +181,23 @@ def run_one(
                         gather=dist.gather if dist.world > 1 else None, writer=dist.is_main,
                         meta={"config": settings, "version": project_version()})
     save.last = resumed.path if resumed is not None else None
+    logger = open_logger(cfg.logger if dist.is_main else None, run_dir, spec.name,
+                         OmegaConf.to_container(cfg, resolve=True))
     try:
         result = train(
             state, build.build_loss_fn(bundle, device, cfg.trainer.precision),
             evaluate=lambda: build.evaluate_all(bundle, eval_loaders, device) if dist.is_main else {},
-            options=options, save=save,
-            on_step=_wandb_logger(cfg, spec.name, run_dir) if dist.is_main else None, dist=dist,
+            options=options, save=save, logger=logger, dist=dist,
             should_stop=stop.requested if stop is not None else None,
             monitor=_build_monitor(cfg, data, cfg.model.block_type or bundle.block_type, total_steps, dist),
         )
+    except BaseException:
+        logger.finish(None)  # what it logged stays; no summary
+        raise
     finally:
         sampler.detach()
+    if result.interrupted or result.stopped:
+        logger.finish(None)
     if result.interrupted:
         raise _interrupted(cfg, spec.name, result.steps, total_steps, save, stop.signum, run_dir.parent)
     if result.stopped:
@@ -212,6 +221,7 @@ def run_one(
         write_csv(run_dir / "sampler_log.csv", [_flatten(p) for p in result.phase_log])
     if result.monitor_log:
         write_csv(run_dir / "variance_log.csv", result.monitor_log)
+    logger.finish(metrics)
     return metrics
 
 
@@ -377,12 +387,3 @@ def _flatten(phase: dict[str, Any]) -> dict[str, Any]:
             flat[key] = value
     return flat
 
-
-def _wandb_logger(cfg: DictConfig, name: str, run_dir: Path):
-    if cfg.logger != "wandb":
-        return None
-    import wandb  # optional dependency: only imported when asked for
-
-    run = wandb.init(project="vcas-bench", name=f"{cfg.task.name}-{cfg.model.name}-{name}", dir=str(run_dir),
-                     config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous")
-    return lambda row: run.log(row, step=row["step"])
