@@ -184,6 +184,7 @@ VCAS_RULES: dict[str, Rule] = {
     "alpha_max": number(0, 1, open_low=True, null="a fixed step alpha"),
     "beta_min": number(0, 1, open_low=True, open_high=True, null="a fixed multiplier beta"),
     "F_max_factor": integer(1, null="a fixed period F"),
+    "static_shapes": flag(),
 }
 # Bounds one setting puts on another: key -> (partner, how key compares to it).
 PAIRED_SETTINGS = {"alpha_max": ("alpha", ">="), "beta_min": ("beta", "<=")}

@@ -15,6 +15,8 @@ from torch import nn
 
 from vcas_bench.samplers import StepStats
 from vcas_bench.vcas import Wrapped, keep_ratio_cost, unwrap, wrap
+from vcas_bench.vcas.rowsets import fixed_row_set
+from vcas_bench.vcas.sampling import to_device
 
 
 class RowSubsetBackward:
@@ -36,14 +38,24 @@ class RowSubsetBackward:
     def backward(self, losses: torch.Tensor, weights: torch.Tensor) -> float:
         """Backward of ``sum_i weights_i * losses_i`` over the rows with a non-zero weight.
 
-        Returns the keep ratio. With no row kept nothing is backpropagated (all gradients stay 0).
+        ``weights`` live on the CPU (SB and UB decide there), so the kept rows are known without a
+        device read and every block reuses them (``RowSampler.step_rows``). Returns the keep ratio.
+        With no row kept nothing is backpropagated (all gradients stay 0).
         """
-        keep = weights > 0
-        if not bool(keep.any()):
+        keep = weights.cpu() > 0
+        count = int(keep.sum())
+        if count == 0:
             return 0.0
-        (losses * weights.to(losses.dtype)).sum().backward()
-        return float(keep.float().mean())
-
+        sampler = self.wrapped.sampler
+        device = losses.device
+        rows = None if count == len(keep) else fixed_row_set(to_device(keep.nonzero().squeeze(1), device),
+                                                             len(keep))
+        sampler.step_rows = rows
+        try:
+            (losses * to_device(weights, device).to(losses.dtype)).sum().backward()
+        finally:
+            sampler.step_rows = None
+        return count / len(keep)
 
 
 class RowSubsetSampler:

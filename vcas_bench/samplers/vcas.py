@@ -44,6 +44,7 @@ class VcasSampler:
         alpha_max: float | None = None
         beta_min: float | None = None
         F_max_factor: int | None = None  # adaptive period up to F_max_factor * F (VcasConfig's name too)
+        static_shapes: bool = False  # fixed rows per block, no host sync in the backward (VcasConfig's too)
 
         def __post_init__(self) -> None:
             self.to_config(F=1 if self.F is None else self.F)  # range checks live in VcasConfig (F=0 too)
@@ -80,7 +81,7 @@ class VcasSampler:
         losses, _ = loss_fn(batch)
         loss = mean_loss_backward(losses)
         ctl.count_step()
-        kept = ctl.sampler.kept_fraction
+        kept = ctl.last_reading.kept_fraction
         return StepStats(loss=loss, keep_ratio=kept[0], analytic_cost=cost,
                          extra={"keep_top": kept[-1], "s": ctl.s})
 
