@@ -79,6 +79,7 @@ class TrainerConfig:
     time_detail: bool | None = None  # time forward and backward apart (None: on CPU only, where it is free)
     accumulate: int = 1  # micro-batches of task.batch_size per optimizer step (effective batch x accumulate)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast forward; fp16 adds a GradScaler)
+    compile: bool = False  # torch.compile the model's forward (the sampled backward runs as it is)
     checkpoint_every: int = 0  # optimizer steps between checkpoints in <run dir>/checkpoints (0: none)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     resume: str | None = None  # null | auto (latest in this output dir) | a checkpoint file or output dir
@@ -143,6 +144,7 @@ SETTING_RULES: dict[str, Rule] = {
     "trainer.flops_every": integer(0),
     "trainer.accumulate": integer(1),
     "trainer.precision": choice("fp32", "bf16", "fp16"),
+    "trainer.compile": flag(),
     "trainer.checkpoint_every": integer(0),
     "trainer.keep_checkpoints": integer(1),
     "trainer.stop_after": integer(1, null="run to the end"),

@@ -186,7 +186,7 @@ def run_one(
     save.last = resumed.path if resumed is not None else None
     try:
         result = train(
-            state, build.build_loss_fn(bundle, device, cfg.trainer.precision),
+            state, build.build_loss_fn(bundle, device, cfg.trainer.precision, cfg.trainer.compile),
             evaluate=lambda: build.evaluate_all(bundle, eval_loaders, device) if dist.is_main else {},
             options=options, save=save,
             on_step=_wandb_logger(cfg, spec["name"], run_dir) if dist.is_main else None, dist=dist,
