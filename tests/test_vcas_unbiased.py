@@ -439,7 +439,7 @@ def test_exact_mode_matches_unwrapped_model_and_keeps_names(name):
         assert torch.equal(a, b)
 
 
-# -- static shapes (docs/method.md §14) -------------------------------------------------------------
+# -- static shapes (docs/method.md §15) -------------------------------------------------------------
 STATIC_CASES = ["hf_bert", "tuple_block", *OTHER_PATHS]
 
 

@@ -14,7 +14,7 @@ gradient may also reach a block by another path (a tuple block's second output, 
 in the loss), and such rows must be backpropagated to stay unbiased. SB and UB rely on the same
 rule: examples they drop get weight 0 in the loss, so their rows are zero everywhere below.
 
-Host syncs (docs/method.md §14): a block reads its kept rows back once (:func:`row_set`, at its
+Host syncs (docs/method.md §15): a block reads its kept rows back once (:func:`row_set`, at its
 SampleA) and its linears reuse them; SampleA's probabilities, SampleW's draws (fixed-size GEMMs) and
 the kept fractions stay on the device. A linear re-reads its own rows only where gradient may enter
 the block elsewhere: a tuple block's other outputs received gradient, or the block holds BatchNorm in
@@ -80,7 +80,7 @@ class RowSampler:
         sample_activations: draw SampleA at block outputs (off: exact backward).
         sample_weights: draw SampleW in linears (off: exact weight gradient over the non-zero rows).
         static_shapes: SampleA keeps exactly ``ceil(N * rho)`` rows (systematic sampling) and the
-            backward reads nothing back from the device (docs/method.md §14).
+            backward reads nothing back from the device (docs/method.md §15).
         record_norms: keep each block's per-row output-gradient norms (variance phase, exact pass).
         record_weight_variance: add each linear's analytic SampleW variance at its ``nu``.
         reference: run the straightforward backward the fast one must match bit for bit.
@@ -213,7 +213,8 @@ class RowSampler:
         if block_rows is None or not block_rows.decided or block_rows.other_paths:
             if self.static_shapes:
                 return None  # nothing may be read back: work on every row (exact, no skipping)
-            return nonzero_rows(grad_out, self.reference)
+            rows = nonzero_rows(grad_out, self.reference)
+            return None if rows is None else fixed_row_set(rows, grad_out.shape[0])
         rows = block_rows.rows
         if rows is not None:
             self._note_leak(slot, grad_out, rows.mask)
@@ -248,11 +249,13 @@ class RowSampler:
         return leverage_sample_matmul(grad_rows, inputs, max(k, 1.0), self.generator)
 
 
-def nonzero_rows(grad: torch.Tensor, reference: bool = False) -> RowSet | None:
-    """The batch rows of ``grad`` that are not all zero; ``None`` when all of them are. One host read."""
+def nonzero_rows(grad: torch.Tensor, reference: bool = False) -> torch.Tensor | None:
+    """Indices of the batch rows of ``grad`` that are not all zero; ``None`` when all of them are.
+    One host read (``nonzero``)."""
     flat = grad.reshape(grad.shape[0], -1)
     # any() reads the floats directly; ne(0) first would write a full-size boolean temporary.
-    return row_set(flat.ne(0).any(dim=1) if reference else flat.any(dim=1))
+    rows = (flat.ne(0).any(dim=1) if reference else flat.any(dim=1)).nonzero().squeeze(1)
+    return None if rows.numel() == grad.shape[0] else rows
 
 
 def _input_rows(x: torch.Tensor, rows: RowSet | None, reference: bool
