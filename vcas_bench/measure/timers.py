@@ -92,3 +92,12 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call of ``fn``, the device drained before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
