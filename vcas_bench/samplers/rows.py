@@ -42,20 +42,18 @@ class RowSubsetBackward:
         device read and every block reuses them (``RowSampler.step_rows``). Returns the keep ratio.
         With no row kept nothing is backpropagated (all gradients stay 0).
         """
-        keep = weights.cpu() > 0
-        count = int(keep.sum())
-        if count == 0:
+        # A host list, not tensor reads: on the CPU nothing here is a device read, and none is counted.
+        kept = [i for i, w in enumerate(weights.cpu().tolist()) if w > 0]
+        if not kept:
             return 0.0
-        sampler = self.wrapped.sampler
-        device = losses.device
-        rows = None if count == len(keep) else fixed_row_set(to_device(keep.nonzero().squeeze(1), device),
-                                                             len(keep))
+        sampler, device, n = self.wrapped.sampler, losses.device, len(weights)
+        rows = None if len(kept) == n else fixed_row_set(to_device(torch.tensor(kept), device), n)
         sampler.step_rows = rows
         try:
             (losses * to_device(weights, device).to(losses.dtype)).sum().backward()
         finally:
             sampler.step_rows = None
-        return count / len(keep)
+        return len(kept) / n
 
 
 class RowSubsetSampler:

@@ -115,6 +115,11 @@ def systematic_sample(p: torch.Tensor, size: int, generator: torch.Generator | N
                      device)
     u = uniforms((1,), generator, device).double()
     ends = p.double()[perm].cumsum(0)
+    # sum(p) is a whole number (soft_topk's k, or the count of non-zero scores) up to float32 rounding:
+    # snap it, so that the last point cannot fall past the end by a rounding error.
+    total = ends[-1:]
+    snap = torch.where((total - total.round()).abs() < 1e-4, total.round() / total.clamp_min(1e-30), 1.0)
+    ends = ends * snap
     points = u + torch.arange(size, device=device, dtype=torch.float64)
     # The item whose interval [end - p, end) holds each point; a point past the total takes nothing.
     slot = torch.searchsorted(ends, points, right=True)
