@@ -58,11 +58,13 @@ def test_compiled_wrapped_model_gives_the_eager_gradients(static):
 
 
 def test_cli_trains_two_steps_with_compile(tmp_path, monkeypatch, capsys):
-    """`vcas-bench trainer.compile=true` (digits, vit-tiny, 64 rows, batch 32, 2 steps, vcas only)."""
+    """`vcas-bench trainer.compile=true` (rt-polarity, bert-tiny, 64 rows of 16 tokens, batch 32,
+    2 steps, vcas only: a variance phase and a sampled step through the compiled model)."""
     torch._dynamo.reset()
     out = tmp_path / "run"
-    args = ["sampler=vcas", "task=digits", "model=vit-tiny", "baselines=[]", "trainer.max_steps=2",
-            "trainer.compile=true", "task.args.train_size=64", "task.args.eval_size=32", "task.batch_size=32",
+    args = ["sampler=vcas", "task=rt-polarity", "model=bert-tiny", "baselines=[]", "trainer.max_steps=2",
+            "trainer.compile=true", "task.args.train_size=64", "task.args.eval_size=32",
+            "task.args.max_length=16", "task.batch_size=32",
             "trainer.progress=false", "trainer.device=cpu", "trainer.num_threads=1",
             f"output_dir={out}", f"hydra.run.dir={out}"]
     monkeypatch.setattr(sys, "argv", ["vcas-bench", *args])
