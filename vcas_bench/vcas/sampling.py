@@ -59,8 +59,9 @@ def soft_topk(scores: torch.Tensor, k: float) -> torch.Tensor:
     # With c items capped, the largest uncapped one gets x_(c) * (k - c) / tail[c]; it must be <= 1.
     fits = (x_desc * (k - capped) <= tail * (1 + 1e-6)) & (capped <= k)
     # Everything below stays on the device (no int(c), no branch on a count): no host sync.
-    c = torch.argmax(fits.int())
-    scale = (k - c.to(torch.float64)) / tail[c].to(torch.float64).clamp_min(1e-30)
+    c = torch.argmax(fits.int()).view(1)
+    # index_select, not tail[c]: indexing with a 0-dim tensor may read it back as a Python int.
+    scale = (k - c.to(torch.float64)) / tail.index_select(0, c).to(torch.float64).clamp_min(1e-30)
     p_desc = torch.where(capped < c, 1.0, (x_desc * scale.to(x.dtype)).clamp(max=1.0))
     p = torch.empty_like(x).scatter_(0, order, p_desc)
     # Fewer non-zero scores than k: keep every one of them.
