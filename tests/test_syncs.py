@@ -128,6 +128,7 @@ def _row_sampler_syncs(name: str, layers: int) -> tuple[int, int]:
         counted["backward"] = syncs.total
         return ratio
 
+    sampler.step(_batch(1), loss_fn)  # SB keeps everything until it has a loss history
     sampler.rows.backward = counted_backward
     with SyncCounter() as step_syncs:
         stats = sampler.step(_batch(), loss_fn)
