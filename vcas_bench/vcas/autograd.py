@@ -273,10 +273,14 @@ def _input_rows(x: torch.Tensor, rows: RowSet | None, reference: bool
     return flat, index.flatten()
 
 
-def _scatter_rows(values: torch.Tensor, rows: RowSet, shape: torch.Size) -> torch.Tensor:
-    """A ``shape`` tensor with ``values`` at the kept rows and zeros elsewhere, each element written once."""
-    out = values.new_empty(shape).index_fill_(0, rows.skipped, 0)
-    return out.index_copy_(0, rows.rows, values)
+def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, shape: torch.Size,
+                  skipped: torch.Tensor | None = None) -> torch.Tensor:
+    """A ``shape`` tensor with ``values`` at batch ``rows`` and zeros elsewhere, each element written once.
+    ``skipped``: the other rows (a :class:`RowSet` has them; computed from ``rows`` otherwise)."""
+    if skipped is None:
+        skipped = fixed_row_set(rows, shape[0]).skipped
+    out = values.new_empty(shape).index_fill_(0, skipped, 0)
+    return out.index_copy_(0, rows, values)
 
 
 class SampleActivation(torch.autograd.Function):
@@ -341,7 +345,7 @@ class SampledLinearFunction(torch.autograd.Function):
             if rows is not None and reference:
                 grad_x = grad_out.new_zeros(x.shape).index_copy_(0, rows.rows, grad_x)
             elif rows is not None:
-                grad_x = _scatter_rows(grad_x, rows, x.shape)
+                grad_x = _scatter_rows(grad_x, rows.rows, x.shape, rows.skipped)
         g2 = g.reshape(-1, g.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_w = ctx.sampler.weight_gradient(ctx.slot, g2, *_input_rows(x, rows, reference))
