@@ -213,18 +213,20 @@ def leverage_sample_matmul(
         return a.t() @ (b if b_rows is None else b.index_select(0, b_rows))
     b_norms = row_norms(b) if b_rows is None else row_norms(b)[b_rows]
     q = soft_topk(row_norms(a) * b_norms, k)
-    keep = bernoulli_keep(q, generator)
-    idx, scale = _kept_rows_fixed(keep, q, fixed_capacity(k, a.shape[0]), generator)
+    u = uniforms(q.shape, generator, q.device)  # the draws of bernoulli_keep(q, generator)
+    idx, scale = _kept_rows_fixed(u, q, fixed_capacity(k, a.shape[0]))
     # One copy of each side, scaled in place.
     scaled = a.index_select(0, idx).mul_(scale.to(a.dtype).unsqueeze(1))
     return scaled.t() @ b.index_select(0, idx if b_rows is None else b_rows[idx])
 
 
-def _kept_rows_fixed(keep: torch.Tensor, q: torch.Tensor, capacity: int, generator: torch.Generator | None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``capacity`` sorted row indices holding the kept rows (a uniform random subset of them if there
-    are more), and each one's weight: ``1/q`` times ``max(1, kept / capacity)``, 0 for fillers."""
-    priority = torch.where(keep, uniforms(keep.shape, generator, keep.device), 2.0)
+def _kept_rows_fixed(u: torch.Tensor, q: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows kept where ``u < q``: ``capacity`` sorted row indices holding them (a uniform random subset
+    of them if there are more), and each one's weight: ``1/q`` times ``max(1, kept / capacity)``, 0
+    for fillers. Given that row ``i`` is kept, ``u_i / q_i`` is uniform on [0, 1) and independent of
+    the rest: the smallest ``capacity`` of them pick the subset without drawing anything more."""
+    keep = u < q
+    priority = torch.where(keep, u / q.clamp_min(1e-30), 2.0)
     idx = torch.topk(priority, capacity, largest=False, sorted=False).indices.sort().values
     thinning = (keep.sum() / capacity).clamp_min(1.0)
     weight = torch.where(keep[idx], thinning / q[idx].clamp_min(1e-30), 0.0)
