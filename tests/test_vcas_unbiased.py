@@ -441,6 +441,10 @@ def test_exact_mode_matches_unwrapped_model_and_keeps_names(name):
 
 # -- static shapes (docs/method.md §15) -------------------------------------------------------------
 STATIC_CASES = ["hf_bert", "tuple_block", *OTHER_PATHS]
+# The hidden-state loss leaves one row of block 1 with p = 0.013: in 400 draws it is never drawn with
+# probability 0.5%, and its tokens' embedding rows would then look deterministic (and wrong). 1,000
+# draws make that 2e-6.
+STATIC_DRAWS = {"hf_bert_hidden_state_loss": 1000}
 
 
 @pytest.mark.parametrize("name", STATIC_CASES)
@@ -449,7 +453,7 @@ def test_static_shapes_gradient_is_unbiased(name):
     weights 1/p), SampleW's GEMMs have a fixed size. Same n = 400, settings and bound as above, on BERT,
     the tuple block, and the two models whose blocks receive gradient by other paths. Every draw keeps
     7, 10 and 13 of the 16 rows bottom-up (at least that many rows carry gradient at each block)."""
-    d = _draw(_build(name), DRAWS, static_shapes=True)
+    d = _draw(_build(name), STATIC_DRAWS.get(name, DRAWS), static_shapes=True)
     stats = _stats(d)
     bad = [s for s in stats if s.biased]
     assert not bad, "biased groups:\n" + _report(bad)
