@@ -95,6 +95,9 @@ def build_loss_fn(bundle: ModelBundle, device: torch.device, precision: str = "f
     """
     dtype = PRECISIONS[precision]
     if compile:
+        # VCAS's variance phase backpropagates one forward more than once (retain_graph), which a
+        # compiled backward with donated buffers refuses; this process-wide switch allows it.
+        torch._functorch.config.donated_buffer = False
         bundle = dataclasses.replace(bundle, model=torch.compile(bundle.model))
 
     def loss_fn(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
