@@ -104,6 +104,7 @@ class RowSampler:
     current: list[BlockRows] = field(default_factory=list)  # per block, its latest forward call
     _kept: torch.Tensor | None = None  # per block, SampleA's kept fraction (device), last backward
     _leaks: torch.Tensor | None = None  # per linear: gradient outside its block's rows was seen
+    _decided: dict[int, RowSet | None] = field(default_factory=dict)  # SampleA -> SampleActivation
 
     def __post_init__(self) -> None:
         self.rho = self.rho or [1.0] * self.num_blocks
@@ -142,9 +143,21 @@ class RowSampler:
         self.current[block] = BlockRows(other_paths=mixes_rows)
         return self.current[block]
 
-    def sample_block_gradient(self, block: int, grad: torch.Tensor) -> tuple[torch.Tensor, RowSet | None]:
-        """Apply SampleA to the gradient at ``block``'s output (index 0 nearest the input); returns it
-        and the rows it is confined to (``None``: all of them)."""
+    def sample_block_gradient(self, block: int, grad: torch.Tensor) -> torch.Tensor:
+        """Apply SampleA to the gradient at ``block``'s output (index 0 nearest the input); the rows it
+        is then confined to wait in :meth:`take_rows` for the block's linears."""
+        grad, rows = self._sample(block, grad)
+        self._decided[block] = rows
+        return grad
+
+    def take_rows(self, block: int) -> tuple[bool, RowSet | None]:
+        """(decided, rows) of ``block``'s last SampleA (``None``: every row); not decided: its linears
+        read their own rows."""
+        if block not in self._decided:
+            return False, None
+        return True, self._decided.pop(block)
+
+    def _sample(self, block: int, grad: torch.Tensor) -> tuple[torch.Tensor, RowSet | None]:
         if self.record_norms:
             self.norms[block] = row_norms(grad)
         if self.static_shapes:
@@ -213,12 +226,18 @@ class RowSampler:
         if block_rows is None or not block_rows.decided or block_rows.other_paths:
             if self.static_shapes:
                 return None  # nothing may be read back: work on every row (exact, no skipping)
-            rows = nonzero_rows(grad_out, self.reference)
-            return None if rows is None else fixed_row_set(rows, grad_out.shape[0])
+            return self._own_rows(grad_out)
         rows = block_rows.rows
+        if rows is not None and rows.mask.shape[0] != grad_out.shape[0]:
+            # The block reshapes its batch inside (Swin's windows): the block's rows do not index it.
+            return None if self.static_shapes else self._own_rows(grad_out)
         if rows is not None:
             self._note_leak(slot, grad_out, rows.mask)
         return rows
+
+    def _own_rows(self, grad_out: torch.Tensor) -> RowSet | None:
+        rows = nonzero_rows(grad_out, self.reference)
+        return None if rows is None else fixed_row_set(rows, grad_out.shape[0])
 
     def _note_leak(self, slot: LinearSlot, grad_out: torch.Tensor, mask: torch.Tensor) -> None:
         """Record on the device whether ``grad_out`` is non-zero outside ``mask`` (read once per step)."""
@@ -294,8 +313,8 @@ class SampleActivation(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad, rows = ctx.sampler.sample_block_gradient(ctx.block, grad)
-        ctx.block_rows.rows, ctx.block_rows.decided = rows, True
+        grad = ctx.sampler.sample_block_gradient(ctx.block, grad)
+        ctx.block_rows.decided, ctx.block_rows.rows = ctx.sampler.take_rows(ctx.block)
         return grad, None, None, None
 
 
