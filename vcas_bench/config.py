@@ -83,6 +83,7 @@ class TrainerConfig:
     time_detail: bool | None = None  # time forward and backward apart (None: on CPU only, where it is free)
     accumulate: int = 1  # micro-batches of task.batch_size per optimizer step (effective batch x accumulate)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast forward; fp16 adds a GradScaler)
+    compile: bool = False  # torch.compile the model's forward (the sampled backward runs as it is)
     checkpoint_every: int = 0  # optimizer steps between checkpoints in <run dir>/checkpoints (0: none)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     resume: str | None = None  # null | auto (latest in this output dir) | a checkpoint file or output dir
@@ -209,6 +210,7 @@ SETTING_RULES: dict[str, Rule] = {
     "trainer.flops_every": integer(0),
     "trainer.accumulate": integer(1),
     "trainer.precision": choice("fp32", "bf16", "fp16"),
+    "trainer.compile": flag(),
     "trainer.checkpoint_every": integer(0),
     "trainer.keep_checkpoints": integer(1),
     "trainer.stop_after": integer(1, null="run to the end"),
@@ -250,6 +252,7 @@ VCAS_RULES: dict[str, Rule] = {
     "alpha_max": number(0, 1, open_low=True, null="a fixed step alpha"),
     "beta_min": number(0, 1, open_low=True, open_high=True, null="a fixed multiplier beta"),
     "F_max_factor": integer(1, null="a fixed period F"),
+    "static_shapes": flag(),
 }
 # Bounds one setting puts on another: key -> (partner, how key compares to it).
 PAIRED_SETTINGS = {"alpha_max": ("alpha", ">="), "beta_min": ("beta", "<=")}

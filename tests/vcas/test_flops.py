@@ -10,6 +10,7 @@ from torch import nn
 
 from vcas_bench.measure.flops import FlopMeter
 from vcas_bench.vcas import interval_cost_ratio, keep_ratio_cost, step_cost_ratio, wrap
+from vcas_bench.vcas.sampling import fixed_capacity
 
 N, T, D_IN, D, H, C = 8, 5, 4, 8, 16, 3
 
@@ -93,13 +94,16 @@ def test_sample_a_step_counts_fewer_backward_flops_by_the_kept_rows(setup):
 def test_sample_w_skips_the_token_rows_it_does_not_draw(setup):
     """The head reads token 0 only and the blocks do not mix tokens, so 1 of T token rows per example has
     a non-zero gradient. At nu = 1/T the leverage sampler's budget is exactly those rows (q = 1 on them,
-    0 elsewhere): each weight gradient runs on N rows instead of N T. The input gradients do not change."""
+    0 elsewhere): each weight gradient runs on the fixed-size GEMM that holds them (N rows plus
+    SampleW's padding, ``fixed_capacity``; docs/method.md §15) instead of N T. The input gradients do
+    not change."""
     model, x, y = setup
     wrapped = wrap(model, Block, torch.Generator().manual_seed(0))
     for slot in wrapped.sampler.linears:
         slot.nu = 1 / T
     flops = measure_step(model, x, y)
-    input_grads, weight_grads = block_flops(N * T), block_flops(N)
+    input_grads, weight_grads = block_flops(N * T), block_flops(fixed_capacity(N, N * T))
+    assert fixed_capacity(N, N * T) < N * T
     expected = matmul_flops(N * T, D_IN, D) + 2 * (input_grads + weight_grads) + 2 * matmul_flops(N, D, C)
     assert flops["flops_backward"] == expected
 

@@ -193,10 +193,11 @@ class Draws:
     sampled_names: set[str]  # weights of the sampled linears
 
 
-def _draw(family: Family, n: int, rho=RHO, nu=NU, seed: int = 0) -> Draws:
+def _draw(family: Family, n: int, rho=RHO, nu=NU, seed: int = 0, static_shapes: bool = False) -> Draws:
     model = family.model
     wrapped = wrap(model, family.block_type, torch.Generator().manual_seed(seed))
     sampler = wrapped.sampler
+    sampler.static_shapes = static_shapes
     named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
     names, params = [k for k, _ in named], [p for _, p in named]
     loss = family.loss_fn(model)
@@ -436,3 +437,45 @@ def test_exact_mode_matches_unwrapped_model_and_keeps_names(name):
     torch.testing.assert_close(grads(model), expected)
     for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
         assert torch.equal(a, b)
+
+
+# -- static shapes (docs/method.md §15) -------------------------------------------------------------
+STATIC_CASES = ["hf_bert", "tuple_block", *OTHER_PATHS]
+# The hidden-state loss leaves one row of block 1 with p = 0.013: in 400 draws it is never drawn with
+# probability 0.5%, and its tokens' embedding rows would then look deterministic (and wrong). 1,000
+# draws make that 2e-6.
+STATIC_DRAWS = {"hf_bert_hidden_state_loss": 1000}
+
+
+@pytest.mark.parametrize("name", STATIC_CASES)
+def test_static_shapes_gradient_is_unbiased(name):
+    """``static_shapes``: SampleA keeps exactly ``ceil(N * rho)`` rows per block (systematic sampling,
+    weights 1/p), SampleW's GEMMs have a fixed size. Same n = 400, settings and bound as above, on BERT,
+    the tuple block, and the two models whose blocks receive gradient by other paths. Every draw keeps
+    7, 10 and 13 of the 16 rows bottom-up (at least that many rows carry gradient at each block)."""
+    d = _draw(_build(name), STATIC_DRAWS.get(name, DRAWS), static_shapes=True)
+    stats = _stats(d)
+    bad = [s for s in stats if s.biased]
+    assert not bad, "biased groups:\n" + _report(bad)
+    by_name = {s.name: s for s in stats}
+    for k in d.sampled_names:
+        s = by_name[k]
+        assert s.entries >= 0.9 * (s.entries + s.deterministic), f"{k} barely sampled: {s}"
+    expected = torch.tensor([math.ceil(N * r) / N for r in RHO], dtype=d.kept_fraction.dtype)
+    assert torch.equal(d.kept_fraction, expected.expand_as(d.kept_fraction)), d.kept_fraction[:3]
+
+
+def _top_rows_without_randomness(p: torch.Tensor, size: int, generator=None):
+    index = torch.topk(p, size).indices.sort().values
+    return index, p[index] > 0
+
+
+def test_static_negative_control_without_random_rows_is_flagged(monkeypatch):
+    """HF BERT, n = 200, static shapes, with the systematic draw replaced by the ``m`` rows of largest
+    p (weights still 1/p): >= 90% of the encoder-layer groups must be flagged as biased."""
+    monkeypatch.setattr(vcas_autograd, "systematic_sample", _top_rows_without_randomness)
+    d = _draw(_build("hf_bert"), 200, nu=1.0, static_shapes=True)
+    affected = [s for s in _stats(d) if ".encoder.layer." in s.name and s.entries + s.det_mismatch > 0]
+    flagged = [s for s in affected if s.biased]
+    assert len(affected) >= 10, _report(affected)
+    assert len(flagged) >= 0.9 * len(affected), _report(affected)

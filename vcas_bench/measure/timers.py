@@ -78,3 +78,12 @@ class UnitTimer:
         """Estimated seconds of all units (of ``kind``), from the mean of the timed ones."""
         kinds = [kind] if kind else list(self.units)
         return sum((self.mean(k) or 0.0) * self.units[k] for k in kinds)
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call of ``fn``, the device drained before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start

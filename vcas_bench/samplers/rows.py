@@ -12,6 +12,8 @@ from torch import nn
 
 from vcas_bench.samplers.base import StepStats, WithoutPhases
 from vcas_bench.vcas import Wrapped, keep_ratio_cost, unwrap, wrap
+from vcas_bench.vcas.rowsets import fixed_row_set
+from vcas_bench.vcas.sampling import to_device
 
 
 class RowSubsetBackward:
@@ -33,14 +35,22 @@ class RowSubsetBackward:
     def backward(self, losses: torch.Tensor, weights: torch.Tensor) -> float:
         """Backward of ``sum_i weights_i * losses_i`` over the rows with a non-zero weight.
 
-        Returns the keep ratio. With no row kept nothing is backpropagated (all gradients stay 0).
+        ``weights`` live on the CPU (SB and UB decide there), so the kept rows are known without a
+        device read and every block reuses them (``RowSampler.step_rows``). Returns the keep ratio.
+        With no row kept nothing is backpropagated (all gradients stay 0).
         """
-        keep = weights > 0
-        if not bool(keep.any()):
+        # A host list, not tensor reads: on the CPU nothing here is a device read, and none is counted.
+        kept = [i for i, w in enumerate(weights.cpu().tolist()) if w > 0]
+        if not kept:
             return 0.0
-        (losses * weights.to(losses.dtype)).sum().backward()
-        return float(keep.float().mean())
-
+        sampler, device, n = self.wrapped.sampler, losses.device, len(weights)
+        rows = None if len(kept) == n else fixed_row_set(to_device(torch.tensor(kept), device), n)
+        sampler.step_rows = rows
+        try:
+            (losses * to_device(weights, device).to(losses.dtype)).sum().backward()
+        finally:
+            sampler.step_rows = None
+        return len(kept) / n
 
 
 class RowSubsetSampler(WithoutPhases):

@@ -72,7 +72,7 @@ class SelectiveBackpropSampler(RowSubsetSampler):
 
     def step(self, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> StepStats:
         losses, _ = loss_fn(batch)
-        keep = self.select(losses).to(losses.device)
+        keep = self.select(losses)  # on the CPU: the backward needs no device read to find the rows
         weights = keep.float() / keep.sum().clamp_min(1)  # unweighted mean over the kept examples
         return self.backward_weighted(losses, weights)
 

@@ -88,7 +88,7 @@ class UpperBoundSampler(RowSubsetSampler):
         losses, logits = loss_fn(batch)
         p = self.probabilities(logits, batch["labels"].to(logits.device))
         draws = max(1, round(len(p) * self.settings.ratio))
-        weights = importance_weights(p, draws, self.generator).to(losses.device)
+        weights = importance_weights(p, draws, self.generator)  # on the CPU, like the rows it keeps
         return self.backward_weighted(losses, weights)
 
     def state_dict(self) -> dict[str, Any]:

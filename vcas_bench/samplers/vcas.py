@@ -43,6 +43,7 @@ class VcasSampler:
         alpha_max: float | None = _PAPER.alpha_max
         beta_min: float | None = _PAPER.beta_min
         F_max_factor: int | None = _PAPER.F_max_factor  # adaptive period up to F_max_factor * F
+        static_shapes: bool = _PAPER.static_shapes  # fixed rows per block, no host sync in the backward
 
         def __post_init__(self) -> None:
             self.to_config(F=1 if self.F is None else self.F)  # range checks live in VcasConfig (F=0 too)

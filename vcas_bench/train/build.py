@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -84,12 +85,20 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_loss_fn(bundle: ModelBundle, device: torch.device, precision: str = "fp32") -> Callable[..., tuple]:
+def build_loss_fn(bundle: ModelBundle, device: torch.device, precision: str = "fp32",
+                  compile: bool = False) -> Callable[..., tuple]:
     """``batch -> (per-example cross-entropy (N,), logits)``, moving the batch to ``device``.
 
     With ``precision`` bf16 or fp16 the forward runs under autocast; the loss is taken in float32.
+    With ``compile`` the model runs under ``torch.compile`` (compiled at its first call, so after a
+    sampler wrapped it); it shares the parameters, hooks and sampler of ``bundle.model``.
     """
     dtype = PRECISIONS[precision]
+    if compile:
+        # VCAS's variance phase backpropagates one forward more than once (retain_graph), which a
+        # compiled backward with donated buffers refuses; this process-wide switch allows it.
+        torch._functorch.config.donated_buffer = False
+        bundle = dataclasses.replace(bundle, model=torch.compile(bundle.model))
 
     def loss_fn(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}

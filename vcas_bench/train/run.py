@@ -185,7 +185,7 @@ def run_one(
                          OmegaConf.to_container(cfg, resolve=True))
     try:
         result = train(
-            state, build.build_loss_fn(bundle, device, cfg.trainer.precision),
+            state, build.build_loss_fn(bundle, device, cfg.trainer.precision, cfg.trainer.compile),
             evaluate=lambda: build.evaluate_all(bundle, eval_loaders, device) if dist.is_main else {},
             options=options, save=save, logger=logger, dist=dist,
             should_stop=stop.requested if stop is not None else None,

@@ -14,26 +14,38 @@ gradient may also reach a block by another path (a tuple block's second output, 
 in the loss), and such rows must be backpropagated to stay unbiased. SB and UB rely on the same
 rule: examples they drop get weight 0 in the loss, so their rows are zero everywhere below.
 
+Host syncs (docs/method.md §15): a block reads its kept rows back once (:func:`row_set`, at its
+SampleA) and its linears reuse them; SampleA's probabilities, SampleW's draws (fixed-size GEMMs) and
+the kept fractions stay on the device. A linear re-reads its own rows only where gradient may enter
+the block elsewhere: a tuple block's other outputs received gradient, or the block holds BatchNorm in
+train mode (``BlockRows.other_paths``). Any other entry (a hook inside a block feeding the loss) is
+caught on the device and reported by :meth:`RowSampler.read_step`. With ``static_shapes`` a block
+keeps a fixed number of rows (systematic sampling) and nothing is read back at all.
+
 Everything they read and write lives on one :class:`RowSampler` instance per wrapped model: no
 class-level counters, no global state, a private ``torch.Generator``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from vcas_bench.vcas.rowsets import BlockRows, RowSet, fixed_row_set, row_set
 from vcas_bench.vcas.sampling import (
     bernoulli_keep,
     leverage_sample_matmul,
     leverage_variance,
     row_norms,
     soft_topk,
+    systematic_sample,
 )
 
-__all__ = ["RowSampler", "SampleActivation", "SampledLinearFunction", "LinearSlot", "nonzero_rows"]
+__all__ = ["RowSampler", "SampleActivation", "SampledLinearFunction", "LinearSlot", "RowSet", "BlockRows",
+           "StepReading", "OtherPath", "nonzero_rows", "row_set"]
 
 
 @dataclass
@@ -42,12 +54,20 @@ class LinearSlot:
 
     name: str
     block: int
+    index: int = 0  # position in RowSampler.linears
     nu: float = 1.0
     weight_variance: float = 0.0  # analytic V_w summed over recorded passes (Eq. 3)
     # Variance phase with a row subset: compute only these output rows of the weight gradient
     # (``probe_grad``) instead of all of it; the full gradient handed to autograd is then a zero view.
     probe_rows: torch.Tensor | None = None
     probe_grad: torch.Tensor | None = None
+
+
+@dataclass
+class StepReading:
+    """What one sampled backward left on the device, read back in one go."""
+
+    kept_fraction: list[float]  # per block, SampleA's
 
 
 @dataclass
@@ -59,10 +79,14 @@ class RowSampler:
         linears: one slot per sampled linear, in module order.
         sample_activations: draw SampleA at block outputs (off: exact backward).
         sample_weights: draw SampleW in linears (off: exact weight gradient over the non-zero rows).
+        static_shapes: SampleA keeps exactly ``ceil(N * rho)`` rows (systematic sampling) and the
+            backward reads nothing back from the device (docs/method.md §15).
         record_norms: keep each block's per-row output-gradient norms (variance phase, exact pass).
         record_weight_variance: add each linear's analytic SampleW variance at its ``nu``.
         reference: run the straightforward backward the fast one must match bit for bit.
         generator: private RNG for every draw (a CPU generator; draws move to the tensors' device).
+        step_rows: rows that every block's gradient is confined to for this backward (SB and UB set
+            the examples they keep), so that no block reads them back.
     """
 
     num_blocks: int
@@ -70,33 +94,94 @@ class RowSampler:
     generator: torch.Generator = field(default_factory=torch.Generator)
     sample_activations: bool = True
     sample_weights: bool = True
+    static_shapes: bool = False
     record_norms: bool = False
     record_weight_variance: bool = False
     reference: bool = False  # the straightforward backward (full-size zero fills): tests and benchmarks
     rho: list[float] = field(default_factory=list)
     norms: list[torch.Tensor | None] = field(default_factory=list)  # per block, last exact pass
-    kept_fraction: list[float] = field(default_factory=list)  # per block, SampleA's, last backward
+    step_rows: RowSet | None = None
+    current: list[BlockRows] = field(default_factory=list)  # per block, its latest forward call
+    _kept: torch.Tensor | None = None  # per block, SampleA's kept fraction (device), last backward
+    _leaks: torch.Tensor | None = None  # per linear: gradient outside its block's rows was seen
+    _decided: dict[int, RowSet | None] = field(default_factory=dict)  # SampleA -> SampleActivation
 
     def __post_init__(self) -> None:
         self.rho = self.rho or [1.0] * self.num_blocks
         self.norms = [None] * self.num_blocks
-        self.kept_fraction = [1.0] * self.num_blocks
+        self.current = [BlockRows(other_paths=True) for _ in range(self.num_blocks)]
+
+    @property
+    def kept_fraction(self) -> list[float]:
+        """SampleA's kept fraction per block in the last backward (one host read)."""
+        return self.read_step().kept_fraction
+
+    def read_step(self) -> StepReading:
+        """Read the last backward's statistics back from the device at once (one host read per step).
+
+        Raises if gradient reached a linear outside the rows its block kept by a path the engine
+        could not see (it was dropped: see ``BlockRows``); name the linear and how to avoid it."""
+        if self._kept is None:
+            return StepReading([1.0] * self.num_blocks)
+        leaks = self._leaks if self._leaks is not None else self._kept.new_zeros(0)
+        values = torch.cat([self._kept.float(), leaks.float().to(self._kept.device)]).tolist()
+        kept, leaked = values[: self.num_blocks], values[self.num_blocks :]
+        bad = [slot.name for slot, flag in zip(self.linears, leaked) if flag]
+        if bad:
+            self._leaks.zero_()
+            raise RuntimeError(
+                f"VCAS: gradient reached {', '.join(bad[:3])} outside the rows its block kept, by a path "
+                "that bypasses the block's outputs (e.g. a hook inside the block feeding the loss); that "
+                "gradient was dropped. Return the tensor from the block, or set sampler.current[...]"
+                ".other_paths / wrap a smaller block_type")
+        return StepReading(kept)
 
     # -- SampleA -------------------------------------------------------------------------------
+    def open_block(self, block: int, mixes_rows: bool) -> BlockRows:
+        """A new forward call of ``block``; ``mixes_rows`` (BatchNorm in train mode) makes its linears
+        read their own rows."""
+        self.current[block] = BlockRows(other_paths=mixes_rows)
+        return self.current[block]
+
     def sample_block_gradient(self, block: int, grad: torch.Tensor) -> torch.Tensor:
-        """Apply SampleA to the gradient at ``block``'s output (index 0 nearest the input)."""
+        """Apply SampleA to the gradient at ``block``'s output (index 0 nearest the input); the rows it
+        is then confined to wait in :meth:`take_rows` for the block's linears."""
+        grad, rows = self._sample(block, grad)
+        self._decided[block] = rows
+        return grad
+
+    def take_rows(self, block: int) -> tuple[bool, RowSet | None]:
+        """(decided, rows) of ``block``'s last SampleA (``None``: every row); not decided: its linears
+        read their own rows."""
+        if block not in self._decided:
+            return False, None
+        return True, self._decided.pop(block)
+
+    def _sample(self, block: int, grad: torch.Tensor) -> tuple[torch.Tensor, RowSet | None]:
         if self.record_norms:
             self.norms[block] = row_norms(grad)
-        is_top = block == self.num_blocks - 1
-        rho_above = 1.0 if is_top else self.rho[block + 1]
+        if self.static_shapes:
+            return self._sample_fixed(block, grad)
+        if self._resamples(block):
+            grad, keep = self._draw_rows(grad, self.rho[block])
+            self._kept_tensor(grad)[block] = keep.float().mean()
+            return grad, row_set(keep)
+        self._pass_kept(block, grad)
+        if self.step_rows is not None or not self._sampled_above(block):
+            return grad, self.step_rows
+        # Below a sampled block the gradient is zero outside the rows kept above (and rows reached by
+        # other consumers of the block output): read them off the gradient itself.
+        return grad, row_set(grad.reshape(grad.shape[0], -1).any(dim=1))
+
+    def _resamples(self, block: int) -> bool:
         # Nested sets: a block resamples only when it keeps less than the block above it (docs/method.md §3);
         # otherwise the gradient, already zero outside the rows kept above, passes through.
-        if self.sample_activations and self.rho[block] < 1 and (is_top or self.rho[block] < rho_above):
-            grad, keep = self._draw_rows(grad, self.rho[block])
-            self.kept_fraction[block] = float(keep.float().mean())
-        else:
-            self.kept_fraction[block] = 1.0 if is_top else self.kept_fraction[block + 1]
-        return grad
+        is_top = block == self.num_blocks - 1
+        rho_above = 1.0 if is_top else self.rho[block + 1]
+        return self.sample_activations and self.rho[block] < 1 and (is_top or self.rho[block] < rho_above)
+
+    def _sampled_above(self, block: int) -> bool:
+        return self.sample_activations and any(r < 1 for r in self.rho[block:])
 
     def _draw_rows(self, grad: torch.Tensor, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
         n = grad.shape[0]
@@ -104,6 +189,62 @@ class RowSampler:
         keep = bernoulli_keep(p, self.generator)
         scale = torch.where(keep, 1.0 / p.clamp_min(1e-12), torch.zeros_like(p))
         return grad * scale.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1))), keep
+
+    def _sample_fixed(self, block: int, grad: torch.Tensor) -> tuple[torch.Tensor, RowSet | None]:
+        """Static shapes: exactly ``m = ceil(N * rho)`` rows, row ``i`` among them with probability
+        ``p_i`` (``soft_topk`` at ``m``), weight ``1/p_i``. Every block with ``rho < 1`` draws: where the
+        gradient has at most ``m`` non-zero rows, ``p`` is 1 on them and the draw keeps them all."""
+        n = grad.shape[0]
+        if not self.sample_activations or self.rho[block] >= 1:
+            self._pass_kept(block, grad)
+            return grad, self.step_rows
+        m = min(n, max(1, math.ceil(n * self.rho[block] - 1e-9)))
+        p = soft_topk(row_norms(grad), m)
+        index, drawn = systematic_sample(p, m, self.generator)
+        weight = torch.where(drawn, 1.0 / p[index].clamp_min(1e-12), 0.0)
+        scale = torch.zeros_like(p).index_copy_(0, index, weight)
+        self._kept_tensor(grad)[block] = drawn.float().sum() / n
+        return grad * scale.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1))), fixed_row_set(index, n)
+
+    def _kept_tensor(self, grad: torch.Tensor) -> torch.Tensor:
+        if self._kept is None or self._kept.device != grad.device:
+            self._kept = torch.ones(self.num_blocks, device=grad.device)
+        return self._kept
+
+    def _pass_kept(self, block: int, grad: torch.Tensor) -> None:
+        kept = self._kept_tensor(grad)
+        if block == self.num_blocks - 1:
+            kept[block] = 1.0
+        else:
+            kept[block] = kept[block + 1]
+
+    # -- rows of a linear ----------------------------------------------------------------------
+    def linear_rows(self, slot: LinearSlot, block_rows: BlockRows | None, grad_out: torch.Tensor
+                    ) -> RowSet | None:
+        """The rows ``slot``'s backward works on: its block's, or (where gradient may enter the block
+        by another path) the non-zero rows of its own output gradient."""
+        if block_rows is None or not block_rows.decided or block_rows.other_paths:
+            if self.static_shapes:
+                return None  # nothing may be read back: work on every row (exact, no skipping)
+            return self._own_rows(grad_out)
+        rows = block_rows.rows
+        if rows is not None and rows.mask.shape[0] != grad_out.shape[0]:
+            # The block reshapes its batch inside (Swin's windows): the block's rows do not index it.
+            return None if self.static_shapes else self._own_rows(grad_out)
+        if rows is not None:
+            self._note_leak(slot, grad_out, rows.mask)
+        return rows
+
+    def _own_rows(self, grad_out: torch.Tensor) -> RowSet | None:
+        rows = nonzero_rows(grad_out, self.reference)
+        return None if rows is None else fixed_row_set(rows, grad_out.shape[0])
+
+    def _note_leak(self, slot: LinearSlot, grad_out: torch.Tensor, mask: torch.Tensor) -> None:
+        """Record on the device whether ``grad_out`` is non-zero outside ``mask`` (read once per step)."""
+        if self._leaks is None or self._leaks.device != grad_out.device:
+            self._leaks = torch.zeros(len(self.linears), dtype=torch.bool, device=grad_out.device)
+        outside = grad_out.reshape(grad_out.shape[0], -1).any(dim=1) & ~mask
+        self._leaks[slot.index] |= outside.any()
 
     # -- SampleW -------------------------------------------------------------------------------
     def weight_gradient(self, slot: LinearSlot, grad_rows: torch.Tensor, input_rows: torch.Tensor,
@@ -128,14 +269,15 @@ class RowSampler:
 
 
 def nonzero_rows(grad: torch.Tensor, reference: bool = False) -> torch.Tensor | None:
-    """Indices of the batch rows of ``grad`` that are not all zero; ``None`` when all of them are."""
+    """Indices of the batch rows of ``grad`` that are not all zero; ``None`` when all of them are.
+    One host read (``nonzero``)."""
     flat = grad.reshape(grad.shape[0], -1)
     # any() reads the floats directly; ne(0) first would write a full-size boolean temporary.
-    nonzero = flat.ne(0).any(dim=1) if reference else flat.any(dim=1)
-    return None if bool(nonzero.all()) else nonzero.nonzero().squeeze(1)
+    rows = (flat.ne(0).any(dim=1) if reference else flat.any(dim=1)).nonzero().squeeze(1)
+    return None if rows.numel() == grad.shape[0] else rows
 
 
-def _input_rows(x: torch.Tensor, rows: torch.Tensor | None, reference: bool
+def _input_rows(x: torch.Tensor, rows: RowSet | None, reference: bool
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The flattened input rows that pair with the kept gradient rows: a copy of the kept batch rows
     (straightforward), or all of ``x`` with the token-row indices of the kept ones, so that SampleW
@@ -144,30 +286,51 @@ def _input_rows(x: torch.Tensor, rows: torch.Tensor | None, reference: bool
     if rows is None:
         return flat, None
     if reference:
-        return x.index_select(0, rows).reshape(-1, x.shape[-1]), None
+        return x.index_select(0, rows.rows).reshape(-1, x.shape[-1]), None
     tokens = flat.shape[0] // x.shape[0]  # rows of the flattened input per batch row
-    return flat, (rows.unsqueeze(1) * tokens + torch.arange(tokens, device=rows.device)).flatten()
+    index = rows.rows.unsqueeze(1) * tokens + torch.arange(tokens, device=rows.rows.device)
+    return flat, index.flatten()
 
 
-def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """A ``shape`` tensor with ``values`` at batch ``rows`` and zeros elsewhere, each element written once."""
-    skipped = torch.ones(shape[0], dtype=torch.bool, device=values.device)
-    skipped[rows] = False
-    out = values.new_empty(shape).index_fill_(0, skipped.nonzero().squeeze(1), 0)
+def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, shape: torch.Size,
+                  skipped: torch.Tensor | None = None) -> torch.Tensor:
+    """A ``shape`` tensor with ``values`` at batch ``rows`` and zeros elsewhere, each element written once.
+    ``skipped``: the other rows (a :class:`RowSet` has them; computed from ``rows`` otherwise)."""
+    if skipped is None:
+        skipped = fixed_row_set(rows, shape[0]).skipped
+    out = values.new_empty(shape).index_fill_(0, skipped, 0)
     return out.index_copy_(0, rows, values)
 
 
 class SampleActivation(torch.autograd.Function):
-    """Identity forward; SampleA on the gradient in backward."""
+    """Identity forward; SampleA on the gradient in backward, which also decides the block's rows."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, sampler: RowSampler, block: int) -> torch.Tensor:
-        ctx.sampler, ctx.block = sampler, block
+    def forward(ctx, hidden: torch.Tensor, sampler: RowSampler, block: int, block_rows: BlockRows
+                ) -> torch.Tensor:
+        ctx.sampler, ctx.block, ctx.block_rows = sampler, block, block_rows
         return hidden.view_as(hidden)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return ctx.sampler.sample_block_gradient(ctx.block, grad), None, None
+        grad = ctx.sampler.sample_block_gradient(ctx.block, grad)
+        ctx.block_rows.decided, ctx.block_rows.rows = ctx.sampler.take_rows(ctx.block)
+        return grad, None, None, None
+
+
+class OtherPath(torch.autograd.Function):
+    """Identity on a block's other outputs (a tuple block's second element, ...): gradient arriving
+    there enters the block without passing SampleA, so its linears must read their own rows."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, block_rows: BlockRows) -> torch.Tensor:
+        ctx.block_rows = block_rows
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.block_rows.other_paths = True
+        return grad, None
 
 
 class SampledLinearFunction(torch.autograd.Function):
@@ -185,22 +348,23 @@ class SampledLinearFunction(torch.autograd.Function):
             bias = None if bias is None else bias.to(dtype)
         ctx.save_for_backward(x, weight)
         ctx.sampler, ctx.slot, ctx.has_bias = sampler, slot, bias is not None
+        ctx.block_rows = sampler.current[slot.block]
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
         reference = ctx.sampler.reference
-        rows = nonzero_rows(grad_out, reference)
+        rows = ctx.sampler.linear_rows(ctx.slot, ctx.block_rows, grad_out)
         # Skipped rows have an exactly zero gradient: slicing them away changes no number, only work.
-        g = grad_out if rows is None else grad_out.index_select(0, rows)
+        g = grad_out if rows is None else grad_out.index_select(0, rows.rows)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = g @ weight
             if rows is not None and reference:
-                grad_x = grad_out.new_zeros(x.shape).index_copy_(0, rows, grad_x)
+                grad_x = grad_out.new_zeros(x.shape).index_copy_(0, rows.rows, grad_x)
             elif rows is not None:
-                grad_x = _scatter_rows(grad_x, rows, x.shape)
+                grad_x = _scatter_rows(grad_x, rows.rows, x.shape, rows.skipped)
         g2 = g.reshape(-1, g.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_w = ctx.sampler.weight_gradient(ctx.slot, g2, *_input_rows(x, rows, reference))

@@ -43,6 +43,7 @@ class VcasConfig:
     beta_min: float | None = None  # per-linear nu multiplier starts here, moves halfway to beta at each flip
     # Adaptive period: doubles (up to F_max_factor * F) while s oscillates, halves on a drift.
     F_max_factor: int | None = None
+    static_shapes: bool = False  # fixed rows per block, no host sync in the backward (docs/method.md §15)
 
     @classmethod
     def plus(cls, **overrides: Any) -> VcasConfig:

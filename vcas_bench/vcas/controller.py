@@ -31,10 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from vcas_bench.vcas.autograd import StepReading
 from vcas_bench.vcas.config import VcasConfig
 from vcas_bench.vcas.flops import interval_cost_ratio, phase_cost_ratio, step_cost_ratio
 from vcas_bench.vcas.sampling import monotone_envelope
-from vcas_bench.vcas.variance import LossFn, VarianceEstimate, VarianceEstimator
+from vcas_bench.vcas.variance import LossFn, VarianceEstimate, VarianceEstimator, checked_loss_fn
 from vcas_bench.vcas.wrap import Wrapped, unwrap, wrap
 
 __all__ = ["VcasController", "PhaseStats", "VcasSummary"]
@@ -109,6 +110,8 @@ class VcasController:
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.wrapped: Wrapped = wrap(model, block_type, self.generator)
         self.sampler = self.wrapped.sampler
+        self.sampler.static_shapes = self.config.static_shapes
+        self.last_reading: StepReading | None = None  # the last counted backward's statistics
         self.s = 1.0
         self.history: list[PhaseStats] = []
         self.steps = 0
@@ -136,8 +139,10 @@ class VcasController:
 
     @property
     def kept_fraction(self) -> list[float]:
-        """Per block, the fraction of rows SampleA kept in the last backward (bottom block first)."""
-        return list(self.sampler.kept_fraction)
+        """Per block, the fraction of rows SampleA kept in the last counted backward (bottom block first),
+        as read once by :meth:`count_step`; all ones before any sampled backward."""
+        reading = self.last_reading
+        return list(reading.kept_fraction) if reading is not None else [1.0] * self.sampler.num_blocks
 
     @property
     def device(self) -> torch.device:
@@ -200,6 +205,7 @@ class VcasController:
                                "applied it; backpropagate vcas.folded_loss() (or take_folded()) first")
         self.steps += 1
         self.cost_units += self.step_cost() if cost is None else cost
+        self.last_reading = self.sampler.read_step() if cost is None else None  # one read; raises on a leak
 
     def take_folded(self) -> tuple[float, list[torch.Tensor]] | None:
         """With ``fold_batch``: the loss and full gradient (over ``self.params``) of the last phase's
@@ -255,7 +261,7 @@ class VcasController:
         if self.variance.folded is not None:
             raise RuntimeError("fold_batch: the previous phase's folded gradient was never applied; "
                                "backpropagate vcas.folded_loss() on the step after each phase")
-        loss_fn = _checked_loss_fn(loss_fn)
+        loss_fn = checked_loss_fn(loss_fn)
         cost = self.phase_cost()
         self.cost_units += cost
         candidates = {sign: min(max(self.s + sign * self._s_step(sign), 0.0), 1.0) for sign in (+1, -1)}
@@ -370,18 +376,3 @@ class _FoldedLoss(torch.autograd.Function):
         grads = [None if g is None else (g * grad_output).to(g.dtype) for g in ctx.grads]
         ctx.grads = None
         return None, None, *grads
-
-
-def _checked_loss_fn(loss_fn: LossFn) -> LossFn:
-    """``loss_fn`` that fails in one line unless it returns a scalar tensor (not logits, a float, a tuple)."""
-
-    def checked(batch: Any) -> torch.Tensor:
-        loss = loss_fn(batch)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            is_tensor = isinstance(loss, torch.Tensor)
-            got = f"a tensor of shape {tuple(loss.shape)}" if is_tensor else type(loss).__name__
-            raise TypeError(f"VCAS loss_fn(batch) must return the batch's mean loss as a scalar tensor; "
-                            f"got {got}")
-        return loss
-
-    return checked

@@ -13,11 +13,15 @@ prefix sums and squared norms overflow or lose precision in fp16/bf16.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
     "soft_topk",
     "bernoulli_keep",
+    "systematic_sample",
+    "uniforms",
     "row_norms",
     "find_top_sum",
     "monotone_envelope",
@@ -48,19 +52,20 @@ def soft_topk(scores: torch.Tensor, k: float) -> torch.Tensor:
     if k <= 0:
         return torch.zeros_like(x)
     nonzero = x > 0
-    if int(nonzero.sum()) <= k:
-        return nonzero.float()
     x_desc, order = torch.sort(x, descending=True)
     # tail[c] = sum of the scores after the c largest ones.
     tail = x_desc.flip(0).cumsum(0).flip(0)
     capped = torch.arange(n, device=x.device, dtype=x.dtype)
     # With c items capped, the largest uncapped one gets x_(c) * (k - c) / tail[c]; it must be <= 1.
     fits = (x_desc * (k - capped) <= tail * (1 + 1e-6)) & (capped <= k)
-    c = int(torch.argmax(fits.int()))
-    p_desc = torch.empty_like(x_desc)
-    p_desc[:c] = 1.0
-    p_desc[c:] = (x_desc[c:] * ((k - c) / tail[c])).clamp(max=1.0)
-    return torch.empty_like(x).scatter_(0, order, p_desc)
+    # Everything below stays on the device (no int(c), no branch on a count): no host sync.
+    c = torch.argmax(fits.int()).view(1)
+    # index_select, not tail[c]: indexing with a 0-dim tensor may read it back as a Python int.
+    scale = (k - c.to(torch.float64)) / tail.index_select(0, c).to(torch.float64).clamp_min(1e-30)
+    p_desc = torch.where(capped < c, 1.0, (x_desc * scale.to(x.dtype)).clamp(max=1.0))
+    p = torch.empty_like(x).scatter_(0, order, p_desc)
+    # Fewer non-zero scores than k: keep every one of them.
+    return torch.where(nonzero.sum() <= k, nonzero.to(x.dtype), p)
 
 
 def bernoulli_keep(p: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -69,9 +74,69 @@ def bernoulli_keep(p: torch.Tensor, generator: torch.Generator | None = None) ->
     The uniforms are drawn on the generator's device (the CPU for the samplers' private generators)
     and then moved, so one generator and its checkpointed state serve a model on any device.
     """
-    device = generator.device if generator is not None else p.device
-    u = torch.rand(p.shape, generator=generator, device=device, dtype=torch.float32)
-    return u.to(p.device) < p
+    return uniforms(p.shape, generator, p.device) < p
+
+
+def uniforms(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None,
+             device: torch.device) -> torch.Tensor:
+    """``U[0, 1)`` float32 draws from ``generator`` on ``device``. A CPU generator's draws reach a GPU
+    through pinned memory without blocking: a plain host-to-device copy would wait for the device."""
+    source = generator.device if generator is not None else device
+    u = torch.rand(shape, generator=generator, device=source, dtype=torch.float32)
+    return to_device(u, device)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; from the CPU to a GPU as an asynchronous copy out of pinned memory."""
+    if t.device == torch.device(device):
+        return t
+    if t.device.type == "cpu" and torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def systematic_sample(p: torch.Tensor, size: int, generator: torch.Generator | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exactly ``size`` distinct indices, item ``i`` among them with probability ``p_i``, no host sync.
+
+    Systematic sampling in a random order: lay the ``p_i`` end to end in a random permutation and take
+    the items under the points ``u, u + 1, ..., u + size - 1`` (one uniform ``u``). An item with
+    ``p_i <= 1`` covers at most one point, so items are distinct and each is taken with probability
+    exactly ``p_i`` (the Horvitz–Thompson weight ``1/p_i`` is then unbiased). When ``sum(p) < size``
+    (fewer non-zero scores than ``size``) the points past the end take items with ``p_i = 0``: they
+    fill the fixed size and carry weight 0.
+
+    Returns:
+        ``(index (size,), taken (size,) bool)``: sorted indices, and which of them were drawn (the
+        others are fillers with ``p = 0``).
+    """
+    n = p.numel()
+    device = p.device
+    perm = to_device(torch.randperm(n, generator=generator, device=generator.device if generator else "cpu"),
+                     device)
+    u = uniforms((1,), generator, device).double()
+    ends = p.double()[perm].cumsum(0)
+    # sum(p) is a whole number (soft_topk's k, or the count of non-zero scores) up to float32 rounding:
+    # snap it, so that the last point cannot fall past the end by a rounding error.
+    total = ends[-1:]
+    snap = torch.where((total - total.round()).abs() < 1e-4, total.round() / total.clamp_min(1e-30), 1.0)
+    ends = ends * snap
+    points = u + torch.arange(size, device=device, dtype=torch.float64)
+    # The item whose interval [end - p, end) holds each point; a point past the total takes nothing.
+    slot = torch.searchsorted(ends, points, right=True)
+    hit = slot < n
+    hits = torch.zeros(n, dtype=torch.int32, device=device)
+    hits.index_put_((perm[slot.clamp(max=n - 1)],), hit.to(torch.int32), accumulate=True)
+    drawn = hits > 0
+    # Fixed size: the drawn items first, then items that were not drawn, each index once.
+    index = torch.argsort((~drawn).to(torch.int8), stable=True)[:size].sort().values
+    return index, drawn[index]
+
+
+def fixed_capacity(k: float, rows: int) -> int:
+    """Rows a fixed-size SampleW GEMM holds for an expected ``k`` Bernoulli draws: ``k`` plus three
+    standard deviations (``sd <= sqrt(k)``) and 3, so that thinning (below) is rare; at most ``rows``."""
+    return min(rows, math.ceil(k + 3 * math.sqrt(k) + 3))
 
 
 def row_norms(x: torch.Tensor) -> torch.Tensor:
@@ -116,15 +181,22 @@ def leverage_variance(a: torch.Tensor, b: torch.Tensor, k: float) -> torch.Tenso
     """
     scores = leverage_scores(a, b)
     q = soft_topk(scores, k)
-    kept = q > 0
-    return ((1.0 / q[kept] - 1.0) * scores[kept].square()).sum()
+    terms = (1.0 / q.clamp_min(1e-30) - 1.0) * scores.square()
+    return torch.where(q > 0, terms, 0.0).sum()
 
 
 def leverage_sample_matmul(
     a: torch.Tensor, b: torch.Tensor, k: float, generator: torch.Generator | None = None,
     b_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Unbiased estimate of ``a^T b`` from about ``k`` rows drawn by leverage score.
+    """Unbiased estimate of ``a^T b`` from about ``k`` rows drawn by leverage score, with no host sync.
+
+    Rows are kept by independent Bernoulli(``q_i``) draws (``q = soft_topk(||a_i|| ||b_i||, k)``) and
+    the GEMM runs on a fixed number ``C = fixed_capacity(k, R)`` of rows, so no count is read back:
+    the kept rows padded with rows of weight 0. If more than ``C`` rows are kept (past three standard
+    deviations, rare), a uniformly random ``C`` of them are used with their weights times
+    ``kept / C``: given the kept set, that is an unbiased estimate of its sum, so the whole stays
+    unbiased.
 
     Args:
         a: ``(R, m)``, the output gradient rows.
@@ -141,7 +213,21 @@ def leverage_sample_matmul(
         return a.t() @ (b if b_rows is None else b.index_select(0, b_rows))
     b_norms = row_norms(b) if b_rows is None else row_norms(b)[b_rows]
     q = soft_topk(row_norms(a) * b_norms, k)
-    idx = bernoulli_keep(q, generator).nonzero().squeeze(1)
-    scale = (1.0 / q[idx]).to(a.dtype).unsqueeze(1)
+    u = uniforms(q.shape, generator, q.device)  # the draws of bernoulli_keep(q, generator)
+    idx, scale = _kept_rows_fixed(u, q, fixed_capacity(k, a.shape[0]))
     # One copy of each side, scaled in place.
-    return a.index_select(0, idx).mul_(scale).t() @ b.index_select(0, idx if b_rows is None else b_rows[idx])
+    scaled = a.index_select(0, idx).mul_(scale.to(a.dtype).unsqueeze(1))
+    return scaled.t() @ b.index_select(0, idx if b_rows is None else b_rows[idx])
+
+
+def _kept_rows_fixed(u: torch.Tensor, q: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows kept where ``u < q``: ``capacity`` sorted row indices holding them (a uniform random subset
+    of them if there are more), and each one's weight: ``1/q`` times ``max(1, kept / capacity)``, 0
+    for fillers. Given that row ``i`` is kept, ``u_i / q_i`` is uniform on [0, 1) and independent of
+    the rest: the smallest ``capacity`` of them pick the subset without drawing anything more."""
+    keep = u < q
+    priority = torch.where(keep, u / q.clamp_min(1e-30), 2.0)
+    idx = torch.topk(priority, capacity, largest=False, sorted=False).indices.sort().values
+    thinning = (keep.sum() / capacity).clamp_min(1.0)
+    weight = torch.where(keep[idx], thinning / q[idx].clamp_min(1e-30), 0.0)
+    return idx, weight

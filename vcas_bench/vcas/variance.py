@@ -224,3 +224,18 @@ def set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state_all(state[1])
+
+
+def checked_loss_fn(loss_fn: LossFn) -> LossFn:
+    """``loss_fn`` that fails in one line unless it returns a scalar tensor (not logits, a float, a tuple)."""
+
+    def checked(batch: Any) -> torch.Tensor:
+        loss = loss_fn(batch)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            is_tensor = isinstance(loss, torch.Tensor)
+            got = f"a tensor of shape {tuple(loss.shape)}" if is_tensor else type(loss).__name__
+            raise TypeError(f"VCAS loss_fn(batch) must return the batch's mean loss as a scalar tensor; "
+                            f"got {got}")
+        return loss
+
+    return checked

@@ -31,7 +31,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from vcas_bench.vcas.autograd import LinearSlot, RowSampler, SampleActivation, SampledLinearFunction
+from vcas_bench.vcas.autograd import (
+    LinearSlot,
+    OtherPath,
+    RowSampler,
+    SampleActivation,
+    SampledLinearFunction,
+)
+from vcas_bench.vcas.rowsets import BlockRows
 
 __all__ = ["SampledLinear", "Wrapped", "wrap", "unwrap", "find_blocks", "auto_block_type"]
 
@@ -139,14 +146,35 @@ def find_blocks(model: nn.Module, block_type: type | str) -> list[tuple[str, nn.
     return blocks
 
 
-def _block_output_hook(sampler: RowSampler, index: int):
-    def hook(module: nn.Module, args, output):
-        if isinstance(output, torch.Tensor):
-            return SampleActivation.apply(output, sampler, index)
-        # Tuple-returning blocks (older HF BertLayer, ViTLayer): the hidden state is element 0.
-        return (SampleActivation.apply(output[0], sampler, index), *output[1:])
+def _block_input_hook(sampler: RowSampler, index: int, mixers: list[nn.Module]):
+    """A new :class:`BlockRows` per call of the block; BatchNorm in train mode mixes rows, so a block
+    holding one lets its linears read their own rows."""
+
+    def hook(module: nn.Module, args) -> None:
+        sampler.open_block(index, mixes_rows=any(m.training for m in mixers))
 
     return hook
+
+
+def _block_output_hook(sampler: RowSampler, index: int):
+    def hook(module: nn.Module, args, output):
+        rows = sampler.current[index]
+        if isinstance(output, torch.Tensor):
+            return SampleActivation.apply(output, sampler, index, rows)
+        # Tuple-returning blocks (older HF BertLayer, ViTLayer, T5Block): the hidden state is element 0;
+        # gradient arriving at the others (T5's position bias, an auxiliary output) bypasses SampleA.
+        return (SampleActivation.apply(output[0], sampler, index, rows),
+                *(_mark_other_path(o, rows) for o in output[1:]))
+
+    return hook
+
+
+def _mark_other_path(output, rows: BlockRows):
+    if isinstance(output, torch.Tensor) and output.requires_grad:
+        return OtherPath.apply(output, rows)
+    if isinstance(output, tuple):
+        return tuple(_mark_other_path(o, rows) for o in output)
+    return output
 
 
 def _is_linear_like(module: nn.Module) -> bool:
@@ -178,11 +206,15 @@ def wrap(model: nn.Module, block_type: type | str = "auto", generator: torch.Gen
     wrapped = Wrapped(model=model, sampler=sampler, block_names=[n for n, _ in blocks], linear_modules=[],
                       block_type=type(blocks[0][1]).__name__)
     for index, (block_name, block) in enumerate(blocks):
-        wrapped.hooks.append(block.register_forward_hook(_block_output_hook(sampler, index)))
+        mixers = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        wrapped.hooks.append(block.register_forward_pre_hook(_block_input_hook(sampler, index, mixers)))
+        # prepend: hooks registered before wrapping (HF's output recorders) see the SampleA output, so
+        # gradient from a recorded hidden state passes through SampleA like the rest.
+        wrapped.hooks.append(block.register_forward_hook(_block_output_hook(sampler, index), prepend=True))
         for name, module in block.named_modules():
             full_name = f"{block_name}.{name}"
             if type(module) is nn.Linear or is_hf_conv1d(module):
-                slot = LinearSlot(name=full_name, block=index)
+                slot = LinearSlot(name=full_name, block=index, index=len(sampler.linears))
                 sampler.linears.append(slot)
                 _switch(module, sampler, slot)
                 wrapped.linear_modules.append(module)
