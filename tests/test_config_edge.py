@@ -111,5 +111,8 @@ def test_sampler_specs_keeps_an_explicit_period_and_leaves_samplers_without_one(
 @pytest.mark.parametrize("package", ["train", "samplers", "report", "models", "tasks", "vcas", "measure"])
 def test_no_yaml_is_read_below_the_cli(package):
     pattern = re.compile(r"OmegaConf\.load|\bimport yaml\b|yaml\.safe_load|compose\(")
+    # The one run-folder reader reads the overrides Hydra recorded in finished runs: results, not config.
+    records = {ROOT / "vcas_bench" / "report" / "runs.py"}
     for path in sorted((ROOT / "vcas_bench" / package).rglob("*.py")):
-        assert not pattern.search(path.read_text()), f"{path.relative_to(ROOT)} reads YAML"
+        if path not in records:
+            assert not pattern.search(path.read_text()), f"{path.relative_to(ROOT)} reads YAML"
