@@ -26,10 +26,10 @@ install: $(STAMP)  ## create .venv and install the package with the locked stack
 demo: $(STAMP)  ## offline default comparison: MiniLM on rt-polarity, exact vs VCAS (~8 min on 2 cores)
 	$(VENV)/bin/vcas-bench
 
-test: $(STAMP)  ## the test suite (offline, CPU, ~15 min on 2 cores)
+test: $(STAMP)  ## the test suite (offline, CPU; without the `slow` MiniLM end-to-end runs)
 	$(PY) -m pytest -q -m "not slow"
 
-test-full: $(STAMP)  ## the suite including slow end-to-end runs
+test-full: $(STAMP)  ## the suite including the `slow` tests (tests/README.md lists them)
 	$(PY) -m pytest -q
 
 tables: $(STAMP)  ## regenerate results/tables/ (paper tables 1-7 with our runs beside them) and plots

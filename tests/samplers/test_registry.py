@@ -73,7 +73,8 @@ def test_attach_and_detach_leave_the_model_as_it_was(sampler, one_thread) -> Non
 @pytest.mark.parametrize(("task", "model"), [("rt-polarity", "bert-tiny"), ("mnist5k", "vit-tiny")])
 def test_runs_and_reports_its_keep_ratio_cost_and_phases(sampler, task, model, make_cfg, tmp_path) -> None:
     """4 steps of 32 rows: metrics.json holds the common keys; a sampler that backpropagates fewer rows
-    reports a keep ratio below 1 and an analytic saving; one that adapts logs each phase."""
+    reports a keep ratio below 1 and, without phases to pay for, an analytic saving; one that adapts
+    logs each phase."""
     name, canonical = sampler
     cfg = make_cfg(f"task={task}", f"model={model}", f"sampler={name}", "baselines=[]", *canonical.overrides,
                    "trainer.max_steps=4", "task.args.train_size=320", "task.args.eval_size=64")
@@ -83,7 +84,9 @@ def test_runs_and_reports_its_keep_ratio_cost_and_phases(sampler, task, model, m
     losses = [float(r["loss"]) for r in _rows(tmp_path / name / "train_log.csv")]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
     if canonical.subsamples:
-        assert 0 < metrics["keep_ratio_mean"] < 1 and metrics["flops_reduction_analytic"] > 0
+        assert 0 < metrics["keep_ratio_mean"] < 1
+        # The analytic cost counts adaptation phases too: 4 steps cannot pay for them.
+        assert metrics["flops_reduction_analytic"] > 0 or canonical.adapts
     else:
         assert metrics["keep_ratio_mean"] == 1
     sampler_log = tmp_path / name / "sampler_log.csv"
