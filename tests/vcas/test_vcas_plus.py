@@ -53,7 +53,7 @@ def test_folded_step_applies_the_exact_gradient_of_the_scheduled_batch():
     assert len(extra_calls) == 1  # M = 2: the scheduled batch + one fresh one
     stats = report.folded_step  # the phase did the step: the loop calls no sampler.step for it
     assert stats.extra["folded"] == 1.0 and stats.analytic_cost == 0.0 and report.log["folded_step"]
-    assert stats.loss == pytest.approx(float(loss_fn(batch)[0].mean()), rel=1e-6)
+    assert stats.loss == pytest.approx(float(loss_fn(batch)[0].mean().detach()), rel=1e-6)
     for param, grad in zip(model.parameters(), exact):
         torch.testing.assert_close(param.grad, grad, rtol=1e-5, atol=1e-7)
     model.zero_grad()
