@@ -64,6 +64,7 @@ def run(cfg: DictConfig, out_dir: Path, samplers: list[SamplerSpec] | None = Non
     """
     os.environ.setdefault("WANDB_MODE", "offline")
     datasets.disable_progress_bars()  # tokenising a few thousand rows needs no bar of its own
+    threads = torch.get_num_threads()  # trainer.num_threads holds for this run only, not for the caller
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     specs = samplers if samplers is not None else sampler_specs(cfg)
@@ -77,6 +78,7 @@ def run(cfg: DictConfig, out_dir: Path, samplers: list[SamplerSpec] | None = Non
     finally:
         if dist.world > 1:
             close_distributed()
+        torch.set_num_threads(threads)
     return results
 
 
