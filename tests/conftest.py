@@ -35,6 +35,24 @@ def update_golden(request: pytest.FixtureRequest) -> bool:
     return request.config.getoption("--update-golden")
 
 
+def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """``vcas-bench *args`` through the real entry point in this process; a non-zero exit fails the test
+    with the one line the CLI printed."""
+    import sys
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from vcas_bench import cli
+
+    monkeypatch.setattr(sys, "argv", ["vcas-bench", *args])
+    try:
+        cli.main()
+    except SystemExit as stop:
+        pytest.fail(f"exit {stop.code}: {capsys.readouterr().err.strip()}")
+    finally:
+        GlobalHydra.instance().clear()
+
+
 def compose_config(overrides: list[str], hydra: bool = False) -> DictConfig:
     """The config the CLI would build for ``overrides`` (with Hydra's own node when ``hydra``)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

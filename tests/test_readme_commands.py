@@ -17,14 +17,12 @@ import json
 import math
 import re
 import shlex
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
+from conftest import compose_config, run_cli
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from standins import TIMM_NAME, Standins
 
@@ -194,15 +192,6 @@ def _two_step_args(command: Command, standins: Standins, tmp_path: Path) -> list
     return args
 
 
-def _run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.setattr(sys, "argv", ["vcas-bench", *args])
-    try:
-        cli.main()
-    except SystemExit as stop:
-        pytest.fail(f"exit {stop.code}: {capsys.readouterr().err.strip()}")
-    finally:
-        GlobalHydra.instance().clear()
-
 
 def _samplers(cfg) -> list[str]:
     return list(dict.fromkeys([*cfg.baselines, cfg.sampler.name]))
@@ -229,7 +218,7 @@ def test_readme_command(command: Command, standins, tmp_path, monkeypatch, capsy
             assert validate(cfg) == [], (job, validate(cfg))
         return
     args = _two_step_args(command, standins, tmp_path)
-    _run_cli(args, monkeypatch, capsys)
+    run_cli(args, monkeypatch, capsys)
     jobs = _jobs(args)
     explicit_out = next((a.partition("=")[2] for a in args if _key(a) == "output_dir"), None)
     for number, job in enumerate(jobs):

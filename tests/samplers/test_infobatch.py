@@ -6,14 +6,11 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
 
-import pytest
 import torch
-from hydra.core.global_hydra import GlobalHydra
+from conftest import run_cli
 from test_resume import DIGITS, _assert_same_run
 
-from vcas_bench import cli
 from vcas_bench.samplers import create_sampler
 from vcas_bench.samplers.infobatch import well_learned
 from vcas_bench.train.run import run
@@ -103,13 +100,7 @@ def test_cli_runs_infobatch_on_the_offline_task(tmp_path, monkeypatch, capsys):
             "trainer.max_steps=12", "task.args.train_size=128", "task.args.eval_size=32",
             "task.batch_size=32", "trainer.progress=false", "trainer.device=cpu", "trainer.num_threads=1",
             f"output_dir={out}", f"hydra.run.dir={out}"]
-    monkeypatch.setattr(sys, "argv", ["vcas-bench", *args])
-    try:
-        cli.main()
-    except SystemExit as stop:
-        pytest.fail(f"exit {stop.code}: {capsys.readouterr().err.strip()}")
-    finally:
-        GlobalHydra.instance().clear()
+    run_cli(args, monkeypatch, capsys)
     metrics = json.loads((out / "infobatch" / "metrics.json").read_text())
     exact = json.loads((out / "exact" / "metrics.json").read_text())
     assert exact["steps"] == 12 and 8 <= metrics["steps"] < 12

@@ -15,16 +15,14 @@ import csv
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hydra.core.global_hydra import GlobalHydra
+from conftest import run_cli
 from integration_helpers import T, tiny_bert
 from sampler_settings import CANONICAL, TINY_RUN, Canonical
 
-from vcas_bench import cli
 from vcas_bench.samplers import SAMPLERS, create_sampler
 from vcas_bench.train.run import run
 from vcas_bench.train.state import checkpoint_path, latest_checkpoint, load_checkpoint
@@ -147,13 +145,7 @@ def test_cli_runs_two_steps_beside_exact(sampler, tmp_path, monkeypatch, capsys)
     args = [*TINY_RUN, f"sampler={name}", *canonical.overrides, "baselines=[exact]", "trainer.max_steps=2",
             "trainer.progress=false", "trainer.device=cpu", f"output_dir={out}",
             f"hydra.run.dir={tmp_path / 'hydra'}"]
-    monkeypatch.setattr(sys, "argv", ["vcas-bench", *args])
-    try:
-        cli.main()
-    except SystemExit as stop:
-        pytest.fail(f"exit {stop.code}: {capsys.readouterr().err.strip()}")
-    finally:
-        GlobalHydra.instance().clear()
+    run_cli(args, monkeypatch, capsys)
     expected = list(dict.fromkeys(["exact", name]))
     rows = json.loads((out / "comparison.json").read_text())["rows"]
     assert [row["sampler"] for row in rows] == expected

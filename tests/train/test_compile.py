@@ -5,14 +5,12 @@ counted. And the runner's ``trainer.compile=true`` trains end to end from the co
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
-from hydra.core.global_hydra import GlobalHydra
+from conftest import run_cli
 from test_syncs import _batch, _bert, _per_example_loss
 
-from vcas_bench import cli
 from vcas_bench.measure.syncs import SyncCounter
 from vcas_bench.vcas import wrap
 
@@ -67,12 +65,6 @@ def test_cli_trains_two_steps_with_compile(tmp_path, monkeypatch, capsys):
             "task.args.max_length=16", "task.batch_size=32",
             "trainer.progress=false", "trainer.device=cpu", "trainer.num_threads=1",
             f"output_dir={out}", f"hydra.run.dir={out}"]
-    monkeypatch.setattr(sys, "argv", ["vcas-bench", *args])
-    try:
-        cli.main()
-    except SystemExit as stop:
-        pytest.fail(f"exit {stop.code}: {capsys.readouterr().err.strip()}")
-    finally:
-        GlobalHydra.instance().clear()
+    run_cli(args, monkeypatch, capsys)
     metrics = json.loads((out / "vcas" / "metrics.json").read_text())
     assert metrics["steps"] == 2
