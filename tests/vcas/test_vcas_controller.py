@@ -312,21 +312,12 @@ def test_two_fresh_runs_give_identical_traces():
 def test_two_wrapped_models_are_independent():
     """Two BERTs and a timm ViT wrapped in one process: each sampler lists its own linears (18, 18, 12)
     with the right names and blocks; adapting one changes nothing in the others."""
-    import timm
+    from test_vcas_unbiased import _timm_vit
 
     a, b = _controller(tau_act=1e6, tau_w=1e6, alpha=0.2), _controller()
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        vit = timm.create_model(
-            "vit_tiny_patch16_224",
-            pretrained=False,
-            img_size=16,
-            patch_size=4,
-            embed_dim=32,
-            depth=3,
-            num_heads=2,
-            num_classes=3,
-        )
+        vit = _timm_vit().model  # the same tiny timm ViT as the unbiasedness tests
     c = VcasController(vit, "Block", VcasConfig())
     suffixes = [
         "attention.self.query",
