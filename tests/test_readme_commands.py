@@ -7,8 +7,7 @@ plus ``trainer.max_steps=2``, small train/eval caps, batch 8 and 32 tokens, and 
 placeholders. Sweeps (``-m``) run every job, two values of each swept setting other than task and model.
 Lines that need hardware or a cluster (``trainer.device=cuda``, ``torchrun``, the joblib and SLURM
 launchers) are composed and validated job by job. The ``$ vcas-bench ...`` error examples must print
-exactly the lines shown. A README
-command that does not compose fails the suite.
+exactly the lines shown. A README command that does not compose fails the suite.
 """
 
 from __future__ import annotations
