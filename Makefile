@@ -6,6 +6,8 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
+# pytest-xdist workers for `make test` (one torch thread each; tests of one file share a worker).
+TEST_WORKERS ?= 2
 
 .PHONY: help install demo test test-full lint format tables bench clean
 
@@ -26,11 +28,11 @@ install: $(STAMP)  ## create .venv and install the package with the locked stack
 demo: $(STAMP)  ## offline default comparison: MiniLM on rt-polarity, exact vs VCAS (~8 min on 2 cores)
 	$(VENV)/bin/vcas-bench
 
-test: $(STAMP)  ## the test suite (offline, CPU; without the `slow` MiniLM end-to-end runs)
-	$(PY) -m pytest -q -m "not slow"
+test: $(STAMP)  ## the test suite (offline, CPU; without the `slow` MiniLM end-to-end runs; ~7 min on 2 cores)
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 test-full: $(STAMP)  ## the suite including the `slow` tests (tests/README.md lists them)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 tables: $(STAMP)  ## regenerate results/tables/ (paper tables 1-7 with our runs beside them) and plots
 	$(PY) scripts/make_tables.py --results results --out results/tables

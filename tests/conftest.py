@@ -19,7 +19,8 @@ from omegaconf import DictConfig  # noqa: E402
 
 from vcas_bench.cli import CONF_DIR  # noqa: E402
 
-torch.set_num_threads(2)
+# One thread per pytest-xdist worker (``make test`` runs two on two cores), two when run alone.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 FAST = ["trainer.progress=false", "trainer.device=cpu"]
 
