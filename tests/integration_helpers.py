@@ -27,18 +27,20 @@ def recipe(name: str):
     return module
 
 
-def tiny_bert(seed: int = 0) -> nn.Module:
-    """2 blocks, hidden 32, dropout 0 (so that resumed and uninterrupted runs can agree exactly)."""
+def tiny_bert(seed: int = 0, layers: int = 2, dropout: float = 0.0) -> nn.Module:
+    """The tests' BERT: ``layers`` blocks, hidden 32, 2 heads, MLP 64, vocabulary 100, 3 labels, in train
+    mode, initialised under ``seed``. Dropout 0 by default, so that resumed and uninterrupted runs (and
+    sampled and exact passes) see the same forward."""
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(
         vocab_size=100,
         hidden_size=32,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         intermediate_size=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
         num_labels=3,
     )
     with torch.random.fork_rng():
@@ -66,8 +68,8 @@ def runner_flops_ratio(ctl: VcasController, steps: int, accumulate: int) -> floa
     per optimizer step, the mean over its micro-batches of the step cost at the rho / nu in effect
     (0 for a folded micro-batch), plus each phase's cost / ``accumulate``; averaged over the steps."""
     phases = {h.step: h for h in ctl.history}
-    blocks = [slot.block for slot in ctl.sampler.linears]
-    rho, nu = [1.0] * ctl.sampler.num_blocks, [1.0] * len(blocks)
+    blocks = [slot.block for slot in ctl.engine.linears]
+    rho, nu = [1.0] * ctl.engine.num_blocks, [1.0] * len(blocks)
     total = 0.0
     for step in range(steps):
         folded = False

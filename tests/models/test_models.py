@@ -169,6 +169,6 @@ def test_timm_backend_loads_a_local_weights_file(tmp_path, as_folder: bool) -> N
     assert all(torch.equal(loaded[k], saved[k]) for k in saved if not k.startswith("head."))
     assert bundle.model.head.out_features == 3 and (bundle.block_type, bundle.image_size) == ("Block", 32)
     wrapped = wrap(bundle.model, bundle.block_type)
-    assert len(wrapped.block_names) == 2 and len(wrapped.sampler.linears) == 8
+    assert len(wrapped.block_names) == 2 and len(wrapped.engine.linears) == 8
     logits = bundle.logits_fn(bundle.model, fake_batch(bundle))
     assert logits.shape == (BATCH, 3)

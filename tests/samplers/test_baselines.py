@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from integration_helpers import tiny_bert
 from test_vcas_unbiased import DRAWS, Draws, _report, _stats
 
 from vcas_bench.samplers import create_sampler
@@ -19,17 +20,11 @@ N = 16
 
 def _tiny_bert():
     """A 3-layer, 32-wide BERT in float64, dropout 0, sharp head, with a fixed batch (some rows padded)."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = BertForSequenceClassification(BertConfig(
-            vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)).double()
-        # A sharper head spreads the bounds (0.16 to 1.22 here), so UB's probabilities are far from
-        # uniform and a missing reweighting shows, while every example is still drawn often enough in
-        # 400 steps for a z-score (checked in test_ub_setup_is_informative).
-        model.classifier.weight.data.mul_(100)
+    model = tiny_bert(layers=3).double()
+    # A sharper head spreads the bounds (0.16 to 1.22 here), so UB's probabilities are far from
+    # uniform and a missing reweighting shows, while every example is still drawn often enough in
+    # 400 steps for a z-score (checked in test_ub_setup_is_informative).
+    model.classifier.weight.data.mul_(100)
     g = torch.Generator().manual_seed(1)
     batch = {"input_ids": torch.randint(0, 100, (N, 8), generator=g),
              "attention_mask": torch.ones(N, 8, dtype=torch.long),

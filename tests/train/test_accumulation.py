@@ -7,7 +7,8 @@ import csv
 
 import pytest
 import torch
-from test_vcas_controller import _batches, _bert, _loss_fn
+from integration_helpers import tiny_bert
+from test_vcas_controller import _batches, _loss_fn
 
 from vcas_bench.samplers import create_sampler
 from vcas_bench.train.run import run
@@ -59,7 +60,7 @@ def test_a_phase_between_micro_batches_keeps_the_accumulated_gradient(name):
     """Micro-batch 1's gradient sits in .grad; a variance phase (M exact + M^2 SampleA passes) runs; .grad
     is bit-for-bit what it was; for vcas-plus the phase adds the scheduled batch's exact gradient to it
     (its folded step), so .grad then holds both micro-batches' gradients."""
-    model = _bert()
+    model = tiny_bert(layers=3)
     loss_fn = _loss_fn(model)
     scheduled = _batches(1, seed=7)[0]
     params = dict(model.named_parameters())

@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 from conftest import run_cli
-from test_syncs import _batch, _bert, _per_example_loss
+from integration_helpers import tiny_bert
+from test_syncs import _batch, _per_example_loss
 
 from vcas_bench.measure.syncs import SyncCounter
 from vcas_bench.vcas import wrap
@@ -17,8 +18,8 @@ from vcas_bench.vcas import wrap
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _grads(model, loss_model, generator_state, sampler) -> list[torch.Tensor]:
-    sampler.generator.set_state(generator_state)
+def _grads(model, loss_model, generator_state, engine) -> list[torch.Tensor]:
+    engine.generator.set_state(generator_state)
     model.zero_grad(set_to_none=True)
     loss = _per_example_loss(loss_model)(_batch())[0].mean()
     loss.backward()
@@ -33,20 +34,20 @@ def test_compiled_wrapped_model_gives_the_eager_gradients(static):
     (some rows dropped), and the compiled backward keeps the sync budget of the eager one."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    model = _bert(2)
+    model = tiny_bert(layers=2)
     wrapped = wrap(model, "BertLayer", torch.Generator().manual_seed(0))
-    sampler = wrapped.sampler
-    sampler.static_shapes = static
-    sampler.rho = [0.5, 0.5]
-    for slot in sampler.linears:
+    engine = wrapped.engine
+    engine.static_shapes = static
+    engine.rho = [0.5, 0.5]
+    for slot in engine.linears:
         slot.nu = 0.5
-    state = sampler.generator.get_state()
-    eager = _grads(model, model, state, sampler)
+    state = engine.generator.get_state()
+    eager = _grads(model, model, state, engine)
     compiled = torch.compile(model, backend="inductor")
-    _grads(model, compiled, state, sampler)  # compiles
+    _grads(model, compiled, state, engine)  # compiles
     with SyncCounter() as syncs:
-        got = _grads(model, compiled, state, sampler)
-    assert sampler.kept_fraction[-1] < 1
+        got = _grads(model, compiled, state, engine)
+    assert engine.kept_fraction[-1] < 1
     for a, b in zip(got, eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     counters = torch._dynamo.utils.counters

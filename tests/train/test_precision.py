@@ -20,8 +20,8 @@ def _sampled_step(dtype: torch.dtype | None) -> tuple[list[float], dict[str, tor
     fractions per block, the gradients and the dtypes the sampled linears computed in."""
     ctrl = _controller(M=2, F=1)
     model = ctrl.wrapped.model
-    ctrl.sampler.rho = [0.5, 0.5, 0.5]
-    for slot in ctrl.sampler.linears:
+    ctrl.engine.rho = [0.5, 0.5, 0.5]
+    for slot in ctrl.engine.linears:
         slot.nu = 0.5
     ctrl.generator.manual_seed(5)  # the controller's own generator, not the global RNG
     dtypes = set()
@@ -33,7 +33,7 @@ def _sampled_step(dtype: torch.dtype | None) -> tuple[list[float], dict[str, tor
     loss.float().backward()
     for hook in hooks:
         hook.remove()
-    return list(ctrl.sampler.kept_fraction), {n: p.grad for n, p in model.named_parameters()}, dtypes
+    return list(ctrl.engine.kept_fraction), {n: p.grad for n, p in model.named_parameters()}, dtypes
 
 
 def test_bf16_autocast_vcas_step_is_finite_and_keeps_the_same_rows_as_fp32():
@@ -55,7 +55,7 @@ def test_bf16_autocast_vcas_step_is_finite_and_keeps_the_same_rows_as_fp32():
 def test_a_phase_with_non_finite_statistics_changes_nothing():
     """An fp16 overflow makes the variance sums inf: s, rho and nu stay; the phase is still recorded."""
     ctrl = _controller(M=2, F=1, tau_act=0.0)
-    ctrl.sampler.rho = [0.7, 0.8, 0.9]
+    ctrl.engine.rho = [0.7, 0.8, 0.9]
     before = (ctrl.s, ctrl.rho, ctrl.nu)
     estimate = VarianceEstimate(V_s_layer=[1.0] * 18, V_w_layer=[math.inf] * 18, V_act=math.nan,
                                 keep_at={+1: [0.5] * 3, -1: [0.4] * 3})

@@ -53,8 +53,8 @@ def _vcas_at(nu: float):
 
     def setup(sampler):
         ctl = sampler.controller
-        ctl.sampler.rho = [0.5] * ctl.sampler.num_blocks
-        for slot in ctl.sampler.linears:
+        ctl.engine.rho = [0.5] * ctl.engine.num_blocks
+        for slot in ctl.engine.linears:
             slot.nu = nu
 
     return setup
@@ -180,3 +180,24 @@ def test_fig5_plot_of_every_sampler_is_written_from_a_run_folder(tmp_path):
     path = tmp_path / "figures" / "toy_variance_monitor.png"
     assert path in written
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_exact_passes_turn_off_the_engine_vcas_drives_on_a_cnn():
+    """A CNN under VCAS has no wrapped linear pointing at the engine: the sampler names it
+    (``OwnsRowEngine``), so the monitor's exact passes still sample nothing."""
+    from test_vcas_cnn import _wrn
+
+    from vcas_bench.samplers import OwnsRowEngine
+    from vcas_bench.train.monitor import _engines, _exact_backward
+
+    model = _wrn().model
+    sampler = create_sampler("vcas")
+    sampler.attach(model, "BasicBlock", 100)
+    assert isinstance(sampler, OwnsRowEngine)
+    engine = sampler.controller.engine
+    assert not any(hasattr(m, "_vcas_engine") for m in model.modules())
+    assert _engines(model, sampler) == [engine]
+    with _exact_backward(model, sampler):
+        assert not engine.sample_activations and not engine.sample_weights
+    assert engine.sample_activations
+    sampler.detach()

@@ -71,7 +71,7 @@ def test_exact_step_matches_the_hand_count(setup):
     assert (flops["flops_forward"], flops["flops_backward"]) == (forward, backward)
     wrapped = wrap(model, Block)  # wrapped at rho = nu = 1: the very same work
     assert measure_step(model, x, y) == flops
-    assert wrapped.sampler.rho == [1.0, 1.0]
+    assert wrapped.engine.rho == [1.0, 1.0]
 
 
 def test_sample_a_step_counts_fewer_backward_flops_by_the_kept_rows(setup):
@@ -79,11 +79,11 @@ def test_sample_a_step_counts_fewer_backward_flops_by_the_kept_rows(setup):
     backward runs on the k kept data rows (x T tokens), everything else as in the exact step."""
     model, x, y = setup
     wrapped = wrap(model, Block, torch.Generator().manual_seed(0))
-    wrapped.sampler.rho = [0.5, 0.5]
+    wrapped.engine.rho = [0.5, 0.5]
     kept = []
     for _ in range(40):
         flops = measure_step(model, x, y)
-        k = round(wrapped.sampler.kept_fraction[-1] * N)
+        k = round(wrapped.engine.kept_fraction[-1] * N)
         kept.append(k)
         expected = matmul_flops(N * T, D_IN, D) + 2 * 2 * block_flops(k * T) + 2 * matmul_flops(N, D, C)
         assert flops["flops_backward"] == expected
@@ -99,7 +99,7 @@ def test_sample_w_skips_the_token_rows_it_does_not_draw(setup):
     not change."""
     model, x, y = setup
     wrapped = wrap(model, Block, torch.Generator().manual_seed(0))
-    for slot in wrapped.sampler.linears:
+    for slot in wrapped.engine.linears:
         slot.nu = 1 / T
     flops = measure_step(model, x, y)
     input_grads, weight_grads = block_flops(N * T), block_flops(fixed_capacity(N, N * T))

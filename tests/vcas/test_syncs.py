@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+from integration_helpers import tiny_bert
 from torch import nn
 
 from vcas_bench.measure.syncs import SyncCounter
@@ -28,17 +29,6 @@ N, T = 16, 8
 LAYERS = (1, 2, 4)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _bert(layers: int) -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                        intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                        num_labels=3)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return BertForSequenceClassification(config).train()
 
 
 def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -88,17 +78,17 @@ def test_sampling_functions_read_nothing_back():
 
 # -- the budget -----------------------------------------------------------------------------------
 def _vcas_backward_syncs(layers: int, static: bool) -> int:
-    model = _bert(layers)
+    model = tiny_bert(layers=layers)
     wrapped = wrap(model, "BertLayer", torch.Generator().manual_seed(0))
-    wrapped.sampler.static_shapes = static
-    wrapped.sampler.rho = [0.5] * layers
-    for slot in wrapped.sampler.linears:
+    wrapped.engine.static_shapes = static
+    wrapped.engine.rho = [0.5] * layers
+    for slot in wrapped.engine.linears:
         slot.nu = 0.5
     loss = _per_example_loss(model)(_batch())[0].mean()
     with SyncCounter() as syncs:
         loss.backward()
     assert all(p.grad is not None for p in wrapped.linear_weights)
-    kept = wrapped.sampler.kept_fraction
+    kept = wrapped.engine.kept_fraction
     assert 0 < kept[-1] < 1, kept  # SampleA really dropped rows
     return syncs.total
 
@@ -115,7 +105,7 @@ def test_vcas_backward_reads_at_most_once_per_block(static):
 
 def _row_sampler_syncs(name: str, layers: int) -> tuple[int, int]:
     """(syncs in the backward alone, syncs in a whole ``step()``) for SB or UB."""
-    model = _bert(layers)
+    model = tiny_bert(layers=layers)
     sampler = create_sampler(name, seed=0)
     sampler.attach(model, "BertLayer", total_steps=10)
     loss_fn = _per_example_loss(model)
@@ -192,13 +182,13 @@ def test_thinned_sampled_matmul_stays_unbiased(monkeypatch):
 def test_gradient_entering_a_block_through_an_inner_hook_is_reported():
     """A loss term on an intermediate activation inside a block (captured by a hook on the block's
     MLP linear) reaches the rows SampleA dropped: the step's read raises and names the block's linears."""
-    model = _bert(2)
+    model = tiny_bert(layers=2)
     captured = []
     inner = model.bert.encoder.layer[0].intermediate.dense
     inner.register_forward_hook(lambda module, args, out: captured.append(out))
     wrapped = wrap(model, "BertLayer", torch.Generator().manual_seed(0))
-    wrapped.sampler.rho = [0.3, 0.3]
+    wrapped.engine.rho = [0.3, 0.3]
     loss = _per_example_loss(model)(_batch())[0].mean() + captured[0].square().mean()
     loss.backward()
     with pytest.raises(RuntimeError, match=r"encoder\.layer\.0\."):
-        wrapped.sampler.read_step()
+        wrapped.engine.read_step()

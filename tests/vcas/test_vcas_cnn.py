@@ -69,7 +69,7 @@ def test_wrn_activation_only_gradient_is_unbiased():
     mean z^2 <= chi2_r^-1(z = 4.75) / r (p ~ 1e-6 per group). Wrapping switches no layer (no SampleW),
     every block resamples, and BatchNorm makes the gradient below each block non-zero in every row,
     so all conv kernels and BN parameters vary."""
-    assert wrap(_wrn().model, "BasicBlock").sampler.linears == []
+    assert wrap(_wrn().model, "BasicBlock").engine.linears == []
     d = _draw(_wrn(), DRAWS, rho=RHO_CNN)
     assert d.sampled_names == set()
     stats = _stats(d)
@@ -84,7 +84,7 @@ def test_wrn_activation_only_gradient_is_unbiased():
 def test_wrn_negative_control_without_rescaling_is_flagged(monkeypatch):
     """The same setting with n = 200 and SampleA's 1/p rescaling removed: >= 90% of the block parameter
     tensors must be flagged as biased."""
-    monkeypatch.setattr(vcas_autograd.RowSampler, "_draw_rows", _rows_without_rescaling)
+    monkeypatch.setattr(vcas_autograd.RowEngine, "_draw_rows", _rows_without_rescaling)
     d = _draw(_wrn(), 200, rho=RHO_CNN)
     affected = [s for s in _stats(d) if s.name.startswith("stages.") and s.entries > 0]
     flagged = [s for s in affected if s.biased]
@@ -136,14 +136,14 @@ def test_skipping_rows_by_the_block_mask_below_batchnorm_is_flagged(monkeypatch)
     non-zero gradient BN gives those rows. n = 200, same bound: fc1's weight must then be flagged in
     at least 2 of the 3 blocks."""
     last_keep: dict[str, torch.Tensor] = {}
-    draw_rows = vcas_autograd.RowSampler._draw_rows
+    draw_rows = vcas_autograd.RowEngine._draw_rows
 
     def remembering_draw(self, grad, rho):
         grad, keep = draw_rows(self, grad, rho)
         last_keep["rows"] = keep.nonzero().squeeze(1)
         return grad, keep
 
-    monkeypatch.setattr(vcas_autograd.RowSampler, "_draw_rows", remembering_draw)
+    monkeypatch.setattr(vcas_autograd.RowEngine, "_draw_rows", remembering_draw)
     monkeypatch.setattr(vcas_autograd, "nonzero_rows", lambda grad, reference=False: last_keep.get("rows"))
     d = _draw(_bn_mlp(), 200)
     by_name = {s.name: s for s in _stats(d)}

@@ -12,6 +12,7 @@ import io
 
 import pytest
 import torch
+from integration_helpers import tiny_bert
 from torch import nn
 
 from vcas_bench.vcas import VcasConfig, VcasController, find_top_sum, leverage_variance, monotone_envelope
@@ -23,24 +24,6 @@ BLOCK = "BertLayer"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _bert(dropout: float = 0.0) -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-        num_labels=3,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return BertForSequenceClassification(config).train()
 
 
 def _batches(count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -57,7 +40,7 @@ def _loss_fn(model: nn.Module):
 
 
 def _controller(model: nn.Module | None = None, **config) -> VcasController:
-    model = model if model is not None else _bert()
+    model = model if model is not None else tiny_bert(layers=3)
     return VcasController(model, BLOCK, VcasConfig(**config))
 
 
@@ -130,8 +113,9 @@ def test_s_falls_when_tau_act_is_huge_and_rho_is_eq4_at_the_new_s():
     stats = ctrl.adapt(_loss_fn(ctrl.wrapped.model), batches, step=0)
     assert stats.V_s > 0
     assert ctrl.s == pytest.approx(0.8)
-    expected = _expected_rho(_bert(), batches, 0.8)
-    assert expected != _expected_rho(_bert(), batches, 1.0), "candidates must differ for the test to bite"
+    expected = _expected_rho(tiny_bert(layers=3), batches, 0.8)
+    bites = _expected_rho(tiny_bert(layers=3), batches, 1.0)
+    assert expected != bites, "candidates must differ for the test to bite"
     torch.testing.assert_close(torch.tensor(ctrl.rho), torch.tensor(expected, dtype=torch.float32))
 
 
@@ -140,13 +124,13 @@ def test_s_rises_when_tau_act_is_zero_and_rho_is_eq4_at_the_new_s():
     (the authors' code would apply p(0.3), docs/method.md §13)."""
     ctrl = _controller(tau_act=0.0, alpha=0.2, rho_ema=0.0)
     ctrl.s = 0.5
-    ctrl.sampler.rho = [0.5, 0.5, 0.5]
+    ctrl.engine.rho = [0.5, 0.5, 0.5]
     batches = _batches(2, seed=1)
     stats = ctrl.adapt(_loss_fn(ctrl.wrapped.model), batches, step=0)
     assert stats.V_act > 0
     assert ctrl.s == pytest.approx(0.7)
-    expected = _expected_rho(_bert(), batches, 0.7)
-    assert expected != _expected_rho(_bert(), batches, 0.3)
+    expected = _expected_rho(tiny_bert(layers=3), batches, 0.7)
+    assert expected != _expected_rho(tiny_bert(layers=3), batches, 0.3)
     torch.testing.assert_close(torch.tensor(ctrl.rho), torch.tensor(expected, dtype=torch.float32))
 
 
@@ -176,7 +160,7 @@ def test_rho_is_monotone_and_in_unit_interval_over_phases():
 # -- nu --------------------------------------------------------------------------------------------------
 def test_nu_falls_by_beta_when_tau_w_is_huge():
     ctrl = _controller(tau_w=1e6, beta=0.9)
-    for slot in ctrl.sampler.linears:
+    for slot in ctrl.engine.linears:
         slot.nu = 0.5
     ctrl.adapt(_loss_fn(ctrl.wrapped.model), _batches(2), step=0)
     assert ctrl.nu == pytest.approx([0.45] * 18)
@@ -189,13 +173,13 @@ def test_nu_rises_when_tau_w_is_zero_and_is_clamped_to_one():
     V_w = 0 exactly there; every other linear has V_w > 0."""
     ctrl = _controller(tau_w=0.0, beta=0.9)
     start = [0.5 if i % 2 else 0.95 for i in range(18)]
-    for slot, nu in zip(ctrl.sampler.linears, start):
+    for slot, nu in zip(ctrl.engine.linears, start):
         slot.nu = nu
     stats = ctrl.adapt(_loss_fn(ctrl.wrapped.model), _batches(2), step=0)
     positive = [v > 0 for v in stats.V_w_layer]
     top_cls_only = {f"bert.encoder.layer.2.{k}" for k in ("attention.self.query", "attention.output.dense")}
     top_cls_only |= {f"bert.encoder.layer.2.{k}" for k in ("intermediate.dense", "output.dense")}
-    assert {slot.name for slot, pos in zip(ctrl.sampler.linears, positive) if not pos} == top_cls_only
+    assert {slot.name for slot, pos in zip(ctrl.engine.linears, positive) if not pos} == top_cls_only
     expected = [min(1.0, nu / 0.9) if pos else nu * 0.9 for nu, pos in zip(start, positive)]
     assert ctrl.nu == pytest.approx(expected)
     assert max(ctrl.nu) == 1.0 and all(0 < nu <= 1 for nu in ctrl.nu)
@@ -206,7 +190,7 @@ def test_nu_decision_is_per_linear():
     phase each nu_l moves by the rule applied to that phase's own recorded V_w,l and V_s,l."""
     ctrl = _controller(tau_w=0.0)
     loss_fn = _loss_fn(ctrl.wrapped.model)
-    for slot in ctrl.sampler.linears:
+    for slot in ctrl.engine.linears:
         slot.nu = 0.5
     first = ctrl.adapt(loss_fn, _batches(2), step=0)
     ratios = sorted(w / s for w, s in zip(first.V_w_layer, first.V_s_layer) if w > 0)
@@ -225,14 +209,14 @@ def test_variance_estimates_match_direct_computation():
     V_s,l = ||g_1 - g_2||^2 / 2 (unbiased sample variance of two exact weight gradients),
     V_act = 0 (no SampleA), V_w,l = mean over the batches of Eq. 3 on the linear's rows at k = nu * rows."""
     ctrl = _controller(param_sample_ratio=1.0)
-    for slot in ctrl.sampler.linears:
+    for slot in ctrl.engine.linears:
         slot.nu = 0.5
     batches = _batches(2, seed=4)
     stats = ctrl.adapt(_loss_fn(ctrl.wrapped.model), batches, step=0)
 
-    reference = _bert()
+    reference = tiny_bert(layers=3)
     io1, io2 = (_linear_io(reference, b) for b in batches)
-    names = [slot.name for slot in ctrl.sampler.linears]
+    names = [slot.name for slot in ctrl.engine.linears]
     assert names == list(io1)
     v_s = [float((io1[k][2] - io2[k][2]).square().sum() / 2) for k in names]
     v_w = [
@@ -249,7 +233,7 @@ def test_sampled_repeats_are_independent_and_share_dropout_masks(monkeypatch):
     """With dropout 0.1: at rho = 1 the SampleA-only passes must reproduce the exact pass bit for bit
     (same dropout masks, so V_act = 0); at rho < 1 the M = 2 repeats of one batch must differ
     (independent draws, not the authors' re-seeded identical ones, docs/method.md §13)."""
-    ctrl = _controller(_bert(dropout=0.1), param_sample_ratio=1.0)
+    ctrl = _controller(tiny_bert(layers=3, dropout=0.1), param_sample_ratio=1.0)
     loss_fn = _loss_fn(ctrl.wrapped.model)
     stats = ctrl.adapt(loss_fn, _batches(2), step=0)
     assert stats.V_s > 0
@@ -264,7 +248,7 @@ def test_sampled_repeats_are_independent_and_share_dropout_masks(monkeypatch):
         return out
 
     monkeypatch.setattr(VarianceEstimator, "_pass", spy)
-    ctrl.sampler.rho = [0.5, 0.5, 0.5]
+    ctrl.engine.rho = [0.5, 0.5, 0.5]
     ctrl.adapt(loss_fn, _batches(2, seed=5), step=1)
     assert [e for e, _ in passes] == [True, False, False] * 2
     for b in range(2):
@@ -329,17 +313,17 @@ def test_two_wrapped_models_are_independent():
     ]
     bert_names = [f"bert.encoder.layer.{i}.{s}" for i in range(3) for s in suffixes]
     for ctrl in (a, b):
-        assert [slot.name for slot in ctrl.sampler.linears] == bert_names
-        assert [slot.block for slot in ctrl.sampler.linears] == [i for i in range(3) for _ in suffixes]
+        assert [slot.name for slot in ctrl.engine.linears] == bert_names
+        assert [slot.block for slot in ctrl.engine.linears] == [i for i in range(3) for _ in suffixes]
         assert sum(isinstance(m, SampledLinear) for m in ctrl.wrapped.model.modules()) == 18
-    assert [slot.name for slot in c.sampler.linears] == [
+    assert [slot.name for slot in c.engine.linears] == [
         f"blocks.{i}.{s}" for i in range(3) for s in ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
     ]
-    assert a.sampler is not b.sampler and a.generator is not b.generator
-    assert not set(map(id, a.sampler.linears)) & set(map(id, b.sampler.linears))
+    assert a.engine is not b.engine and a.generator is not b.generator
+    assert not set(map(id, a.engine.linears)) & set(map(id, b.engine.linears))
 
-    for ctrl in (a, b, c):  # one RowSampler per wrapped model, shared by its hooks and its linears
-        assert all(m._vcas_sampler is ctrl.sampler for m in ctrl.wrapped.linear_modules)
+    for ctrl in (a, b, c):  # one RowEngine per wrapped model, shared by its hooks and its linears
+        assert all(m._vcas_engine is ctrl.engine for m in ctrl.wrapped.linear_modules)
 
     b_state, c_state = copy.deepcopy(b.state_dict()), copy.deepcopy(c.state_dict())
     loss_a = _loss_fn(a.wrapped.model)
@@ -352,9 +336,9 @@ def test_two_wrapped_models_are_independent():
         after = ctrl.state_dict()
         assert after["s"] == before["s"] and after["rho"] == before["rho"] and after["nu"] == before["nu"]
         assert torch.equal(after["generator"], before["generator"])
-        assert all(slot.weight_variance == 0.0 for slot in ctrl.sampler.linears)
-        assert all(x is None for x in ctrl.sampler.norms)
-        assert ctrl.sampler.kept_fraction == [1.0] * 3
+        assert all(slot.weight_variance == 0.0 for slot in ctrl.engine.linears)
+        assert all(x is None for x in ctrl.engine.norms)
+        assert ctrl.engine.kept_fraction == [1.0] * 3
 
 
 def test_state_dict_round_trip_continues_identically():
@@ -369,7 +353,7 @@ def test_state_dict_round_trip_continues_identically():
 
     buffer.seek(0)
     checkpoint = torch.load(buffer, weights_only=True)
-    model = _bert()
+    model = tiny_bert(layers=3)
     model.load_state_dict(checkpoint["model"])
     b = _controller(model, **CONFIG)
     b.load_state_dict(checkpoint["vcas"])

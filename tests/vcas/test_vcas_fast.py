@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_vcas_controller import BLOCK, _batches, _bert, _loss_fn
+from integration_helpers import tiny_bert
+from test_vcas_controller import BLOCK, _batches, _loss_fn
 
 from vcas_bench.vcas import leverage_sample_matmul, soft_topk, wrap
 from vcas_bench.vcas.sampling import bernoulli_keep, leverage_scores
 
 
 def _sampled_grads(reference: bool, rho: float, nu: float) -> list[torch.Tensor]:
-    model = _bert(dropout=0.1)
+    model = tiny_bert(layers=3, dropout=0.1)
     wrapped = wrap(model, BLOCK, torch.Generator().manual_seed(11))
-    wrapped.sampler.reference = reference
-    wrapped.sampler.rho = [rho] * wrapped.sampler.num_blocks
-    for slot in wrapped.sampler.linears:
+    wrapped.engine.reference = reference
+    wrapped.engine.rho = [rho] * wrapped.engine.num_blocks
+    for slot in wrapped.engine.linears:
         slot.nu = nu
     with torch.random.fork_rng():
         torch.manual_seed(0)  # the same dropout masks for both versions

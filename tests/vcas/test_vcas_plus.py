@@ -9,7 +9,8 @@ import statistics
 
 import pytest
 import torch
-from test_vcas_controller import _batches, _bert, _controller, _loss_fn, _trace
+from integration_helpers import tiny_bert
+from test_vcas_controller import _batches, _controller, _loss_fn, _trace
 
 from vcas_bench.samplers import create_sampler
 from vcas_bench.vcas import phase_cost_ratio
@@ -21,8 +22,9 @@ def test_reusing_the_forward_changes_no_estimate(dropout):
     draw the same masks from the private generator: identical s, rho, nu, V_s, V_act, V_w traces."""
     traces = []
     for reuse in (False, True):
-        ctrl = _controller(_bert(dropout), param_sample_ratio=1.0, reuse_forward=reuse, F=1)
-        ctrl.sampler.rho = [0.5, 0.6, 0.7]
+        ctrl = _controller(tiny_bert(layers=3, dropout=dropout), param_sample_ratio=1.0, reuse_forward=reuse,
+                           F=1)
+        ctrl.engine.rho = [0.5, 0.6, 0.7]
         with torch.random.fork_rng():
             torch.manual_seed(0)  # both variants start from the same dropout stream
             for phase in range(3):
@@ -33,7 +35,7 @@ def test_reusing_the_forward_changes_no_estimate(dropout):
 
 
 def test_folded_step_applies_the_exact_gradient_of_the_scheduled_batch():
-    model = _bert(0.0)
+    model = tiny_bert(layers=3)
     batch = _batches(1, seed=9)[0]
     exact = torch.autograd.grad(_loss_fn(model)(batch), list(model.parameters()))
     sampler = create_sampler("vcas-plus", seed=0, F=3)
@@ -74,7 +76,7 @@ def _drive(ctrl, signs: list[int]) -> list[float]:
 def test_s_step_starts_large_and_halves_at_each_flip():
     ctrl = _controller(alpha=0.01, alpha_max=0.16, F=1)
     ctrl.s = 0.5
-    ctrl.sampler.rho = [0.5, 0.5, 0.5]  # rho < 1, so V_act > 0 and tau_act = 0 means "too much variance"
+    ctrl.engine.rho = [0.5, 0.5, 0.5]  # rho < 1, so V_act > 0 and tau_act = 0 means "too much variance"
     assert _drive(ctrl, [-1, -1, +1, -1, +1, +1, -1]) == [0.34, 0.18, 0.26, 0.22, 0.24, 0.26, 0.25]
     for _ in range(4):
         _drive(ctrl, [+1, -1])
@@ -99,7 +101,7 @@ def test_nu_multiplier_approaches_beta_at_each_flip():
 def test_period_doubles_while_s_oscillates_and_halves_on_a_drift():
     ctrl = _controller(F=2, F_max_factor=4, alpha_max=0.08)
     ctrl.s = 0.5
-    ctrl.sampler.rho = [0.5, 0.5, 0.5]
+    ctrl.engine.rho = [0.5, 0.5, 0.5]
     periods = []
     for sign in [-1, +1, -1, +1, +1, +1, +1, -1]:
         _drive(ctrl, [sign])
@@ -148,13 +150,13 @@ def test_rho_matches_the_new_s_when_the_step_is_large_or_halved():
 
     ctrl = _controller(tau_act=1e9, alpha=0.01, alpha_max=0.16, rho_ema=0.0, F=1)
     ctrl.s = 0.5
-    ctrl.sampler.rho = [0.5, 0.5, 0.5]
+    ctrl.engine.rho = [0.5, 0.5, 0.5]
     for tau_act, seed, s_new in ((1e9, 3, 0.34), (0.0, 4, 0.42)):
         ctrl.config.tau_act = tau_act
         batches = _batches(2, seed=seed)
         ctrl.adapt(_loss_fn(ctrl.wrapped.model), batches, step=seed)
         assert ctrl.s == pytest.approx(s_new)
-        expected = _expected_rho(_bert(), batches, s_new)
+        expected = _expected_rho(tiny_bert(layers=3), batches, s_new)
         torch.testing.assert_close(torch.tensor(ctrl.rho), torch.tensor(expected, dtype=torch.float32))
 
 
@@ -163,7 +165,7 @@ def test_row_probes_compute_exactly_the_rows_of_the_full_weight_gradient():
     """With probe rows set, a linear computes only those rows of its weight gradient; they equal the
     same rows of the full gradient (a sub-GEMM: equal up to summation order), and the full gradient
     handed back to autograd is a zero view (no memory)."""
-    ctrl = _controller(_bert(0.0), variance_subset="rows", param_sample_ratio=0.25)
+    ctrl = _controller(tiny_bert(layers=3), variance_subset="rows", param_sample_ratio=0.25)
     model, batch = ctrl.wrapped.model, _batches(1, seed=3)[0]
     weights = ctrl.wrapped.linear_weights
     full = torch.autograd.grad(_loss_fn(model)(batch), weights)
@@ -172,15 +174,15 @@ def test_row_probes_compute_exactly_the_rows_of_the_full_weight_gradient():
     for g, rows, part in zip(full, probes, got):
         assert len(rows) == round(0.25 * g.shape[0])
         torch.testing.assert_close(part, g[rows].flatten(), rtol=1e-5, atol=1e-7)
-    assert all(slot.probe_rows is None and slot.probe_grad is None for slot in ctrl.sampler.linears)
+    assert all(slot.probe_rows is None and slot.probe_grad is None for slot in ctrl.engine.linears)
 
 
 def test_row_probe_gradient_stays_a_zero_view_under_autocast():
     """Under bf16 autocast the probed linear computes in bf16, but the zero gradient it hands autograd
     is created in the weight's fp32 as a view, not cast from bf16 into a full-size tensor."""
-    ctrl = _controller(_bert(0.0), variance_subset="rows", param_sample_ratio=0.25)
+    ctrl = _controller(tiny_bert(layers=3), variance_subset="rows", param_sample_ratio=0.25)
     model, batch = ctrl.wrapped.model, _batches(1, seed=3)[0]
-    slot, weight = ctrl.sampler.linears[0], ctrl.wrapped.linear_weights[0]
+    slot, weight = ctrl.engine.linears[0], ctrl.wrapped.linear_weights[0]
     slot.probe_rows = ctrl.variance.probe_subset(weight)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = _loss_fn(model)(batch)
@@ -194,8 +196,8 @@ def test_row_subset_covering_everything_gives_the_entry_estimates():
     """At ratio 1 both subsets cover every entry: the same V_s, V_act, V_w and decisions."""
     traces = []
     for subset in ("entries", "rows"):
-        ctrl = _controller(_bert(0.0), param_sample_ratio=1.0, variance_subset=subset, F=1)
-        ctrl.sampler.rho = [0.5, 0.6, 0.7]
+        ctrl = _controller(tiny_bert(layers=3), param_sample_ratio=1.0, variance_subset=subset, F=1)
+        ctrl.engine.rho = [0.5, 0.6, 0.7]
         for phase in range(2):
             ctrl.adapt(_loss_fn(ctrl.wrapped.model), _batches(2, seed=phase), step=phase)
         traces.append(_trace(ctrl))
@@ -208,9 +210,9 @@ def test_row_subset_estimates_are_unbiased_over_phases():
     """The row-subset V_s of one pair of batches, averaged over many random subsets, is the full V_s:
     each entry is covered with probability r, and the sum is rescaled by 1/r. 3-sigma of the mean."""
     batches = _batches(2, seed=5)
-    full = _controller(_bert(0.0), param_sample_ratio=1.0, F=1, tau_act=0.0)
+    full = _controller(tiny_bert(layers=3), param_sample_ratio=1.0, F=1, tau_act=0.0)
     target = full.adapt(_loss_fn(full.wrapped.model), batches, step=0).V_s
-    ctrl = _controller(_bert(0.0), param_sample_ratio=0.2, variance_subset="rows", F=1, tau_act=0.0)
+    ctrl = _controller(tiny_bert(layers=3), param_sample_ratio=0.2, variance_subset="rows", F=1, tau_act=0.0)
     draws = torch.tensor([ctrl.adapt(_loss_fn(ctrl.wrapped.model), batches, step=i).V_s for i in range(60)],
                          dtype=torch.float64)
     assert abs(draws.mean() - target) < 3 * draws.std() / len(draws) ** 0.5
@@ -222,7 +224,7 @@ def test_phase_cost_counts_only_the_probed_share_of_the_weight_gemms():
     assert phase_cost_ratio([0.5], 2, False, 0.05) == pytest.approx((2 * 2.05 + 4 * (1 + 0.5 * 1.05)) / 3)
     assert phase_cost_ratio([0.5], 2, True, 0.05) == pytest.approx((2 * 2.05 + 4 * 0.5 * 1.05) / 3)
     assert phase_cost_ratio([0.5], 2, True, 1.0) == phase_cost_ratio([0.5], 2, True)
-    ctrl = _controller(_bert(0.0), variance_subset="rows", param_sample_ratio=0.05, fold_batch=True,
+    ctrl = _controller(tiny_bert(layers=3), variance_subset="rows", param_sample_ratio=0.05, fold_batch=True,
                        reuse_forward=True)
     # The folded first pass computes its weight gradients in full: + (1 - w) / 3.
     assert ctrl.phase_cost() == pytest.approx(phase_cost_ratio(ctrl.rho, 2, True, 0.05) + 0.95 / 3)

@@ -2,7 +2,7 @@
 
 Models are tiny, randomly initialised, dropout 0 (so train/eval mode does not matter), built in the
 test. The forward pass is run once; each draw is one more ``autograd.grad`` over the retained graph,
-so only the sampler's private generator changes between draws.
+so only the engine's private generator changes between draws.
 
 The statistic (per parameter tensor, "group")
 ---------------------------------------------
@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from integration_helpers import tiny_bert
 from torch import nn
 
 from vcas_bench.vcas import autograd as vcas_autograd
@@ -64,19 +65,7 @@ class Family:
 
 
 def _hf_bert(dtype: torch.dtype = torch.float32) -> Family:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=3,
-    )
-    model = BertForSequenceClassification(config)
+    model = tiny_bert(layers=3)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 100, (N, 8), generator=g)
     mask = torch.ones(N, 8, dtype=torch.long)
@@ -196,8 +185,8 @@ class Draws:
 def _draw(family: Family, n: int, rho=RHO, nu=NU, seed: int = 0, static_shapes: bool = False) -> Draws:
     model = family.model
     wrapped = wrap(model, family.block_type, torch.Generator().manual_seed(seed))
-    sampler = wrapped.sampler
-    sampler.static_shapes = static_shapes
+    engine = wrapped.engine
+    engine.static_shapes = static_shapes
     named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
     names, params = [k for k, _ in named], [p for _, p in named]
     loss = family.loss_fn(model)
@@ -206,16 +195,16 @@ def _draw(family: Family, n: int, rho=RHO, nu=NU, seed: int = 0, static_shapes: 
         gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)]
 
-    sampler.sample_activations = sampler.sample_weights = False
+    engine.sample_activations = engine.sample_weights = False
     exact = [g.detach().double().flatten() for g in grads()]
-    sampler.sample_activations = sampler.sample_weights = True
-    sampler.rho = list(rho)
-    for slot in sampler.linears:
+    engine.sample_activations = engine.sample_weights = True
+    engine.rho = list(rho)
+    for slot in engine.linears:
         slot.nu = nu
     rows, kept = [], []
     for _ in range(n):
         rows.append(torch.cat([g.detach().flatten() for g in grads()]))
-        kept.append(list(sampler.kept_fraction))
+        kept.append(list(engine.kept_fraction))
     flat = torch.stack(rows).double()
     draws = list(flat.split([e.numel() for e in exact], dim=1))
     linear_weights = {id(m.weight) for m in wrapped.linear_modules}
@@ -354,14 +343,14 @@ def _leverage_without_rescaling(a, b, k, generator=None, b_rows=None):
 @pytest.mark.parametrize("control", ["activation", "weight"])
 def test_negative_control_without_rescaling_is_flagged(monkeypatch, control):
     """HF BERT, n = 200 draws, the unbiasedness criterion above, with the 1/p rescaling removed from
-    SampleA (``RowSampler._draw_rows``; rho = [0.4, 0.6, 0.8], nu = 0.5) or from SampleW
+    SampleA (``RowEngine._draw_rows``; rho = [0.4, 0.6, 0.8], nu = 0.5) or from SampleW
     (``leverage_sample_matmul``; rho = 1 so that SampleA's noise does not mask SampleW's bias).
 
     The affected groups are those whose draws vary (the encoder-layer parameters for SampleA, the
     sampled linear weights for SampleW); >= 90% of them must be flagged as biased.
     """
     if control == "activation":
-        monkeypatch.setattr(vcas_autograd.RowSampler, "_draw_rows", _rows_without_rescaling)
+        monkeypatch.setattr(vcas_autograd.RowEngine, "_draw_rows", _rows_without_rescaling)
         d = _draw(_build("hf_bert"), 200)
         in_scope = lambda name: ".encoder.layer." in name  # noqa: E731
     else:
@@ -422,8 +411,8 @@ def test_exact_mode_matches_unwrapped_model_and_keeps_names(name):
 
     expected = grads(reference)
     wrapped = wrap(model, family.block_type, torch.Generator().manual_seed(0))
-    assert len(wrapped.sampler.linears) > 0
-    assert all(r == 1.0 for r in wrapped.sampler.rho) and all(s.nu == 1.0 for s in wrapped.sampler.linears)
+    assert len(wrapped.engine.linears) > 0
+    assert all(r == 1.0 for r in wrapped.engine.rho) and all(s.nu == 1.0 for s in wrapped.engine.linears)
     assert list(model.state_dict()) == keys
     torch.testing.assert_close(grads(model), expected)
 
@@ -431,8 +420,8 @@ def test_exact_mode_matches_unwrapped_model_and_keeps_names(name):
     assert list(model.state_dict()) == keys
     assert not any(isinstance(m, SampledLinear) for m in model.modules())
     assert sum(type(m) is nn.Linear for m in model.modules()) == num_linear
-    wrapped.sampler.rho = [0.1] * len(wrapped.sampler.rho)
-    for slot in wrapped.sampler.linears:
+    wrapped.engine.rho = [0.1] * len(wrapped.engine.rho)
+    for slot in wrapped.engine.linears:
         slot.nu = 0.1
     torch.testing.assert_close(grads(model), expected)
     for a, b in zip(model.state_dict().values(), reference.state_dict().values()):

@@ -153,7 +153,7 @@ def _draw(member: Member, n: int) -> tuple[Draws, list[str]]:
     ``"auto"`` wrapped (block class, sampled linears)."""
     model = member.model
     wrapped = wrap(model, "auto", torch.Generator().manual_seed(0))
-    sampler = wrapped.sampler
+    engine = wrapped.engine
     named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
     pick = torch.Generator().manual_seed(0)
     subsets = [torch.randperm(p.numel(), generator=pick)[:ENTRIES] for _, p in named]
@@ -168,18 +168,18 @@ def _draw(member: Member, n: int) -> tuple[Draws, list[str]]:
             ]
         )
 
-    sampler.sample_activations = sampler.sample_weights = False
+    engine.sample_activations = engine.sample_weights = False
     exact = grads()
-    sampler.sample_activations = sampler.sample_weights = True
-    blocks = sampler.num_blocks
-    sampler.rho = [0.4 + 0.4 * j / max(1, blocks - 1) for j in range(blocks)]
-    for slot in sampler.linears:
+    engine.sample_activations = engine.sample_weights = True
+    blocks = engine.num_blocks
+    engine.rho = [0.4 + 0.4 * j / max(1, blocks - 1) for j in range(blocks)]
+    for slot in engine.linears:
         slot.nu = NU
     draws = torch.stack([grads() for _ in range(n)])
     sizes = [len(e) for e in subsets]
     linear_weights = {id(m.weight) for m in wrapped.linear_modules}
     sampled = {k for k, p in named if id(p) in linear_weights}
-    info = [wrapped.block_type, *sorted(slot.name.rsplit(".", 1)[-1] for slot in sampler.linears)]
+    info = [wrapped.block_type, *sorted(slot.name.rsplit(".", 1)[-1] for slot in engine.linears)]
     unwrap(wrapped)
     d = Draws(
         [k for k, _ in named],
@@ -233,11 +233,11 @@ def test_negative_control_on_the_zoo(monkeypatch, name, control):
     member = _build(name)
     if control == "weight":
         monkeypatch.setattr(vcas_autograd, "leverage_sample_matmul", _leverage_without_rescaling)
-        monkeypatch.setattr(vcas_autograd.RowSampler, "sample_block_gradient", lambda self, block, grad: grad)
+        monkeypatch.setattr(vcas_autograd.RowEngine, "sample_block_gradient", lambda self, block, grad: grad)
     else:
         from test_vcas_unbiased import _rows_without_rescaling
 
-        monkeypatch.setattr(vcas_autograd.RowSampler, "_draw_rows", _rows_without_rescaling)
+        monkeypatch.setattr(vcas_autograd.RowEngine, "_draw_rows", _rows_without_rescaling)
     d, _ = _draw(member, CONTROL_DRAWS)
     stats = _stats(d)
     in_scope = d.sampled_names.__contains__ if control == "weight" else (lambda k: k.startswith("layer"))

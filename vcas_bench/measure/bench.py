@@ -5,7 +5,7 @@ One process holds two copies of a case's model: a plain one (exact) and one wrap
 every block at ``rho`` and every sampled linear at ``nu`` (fixed: no controller). Variants of a step:
 
 - ``exact``: the plain model;
-- ``reference``: the wrapped model, straightforward backward (``RowSampler.reference``);
+- ``reference``: the wrapped model, straightforward backward (``RowEngine.reference``);
 - ``sampled``: the wrapped model, the default backward (Bernoulli rows, one host read per block);
 - ``static``: the wrapped model with ``static_shapes`` (a fixed number of rows, no host read).
 
@@ -57,8 +57,8 @@ class Pair:
         self.optimizers = {m: torch.optim.Adam(m.parameters(), lr=1e-9) for m in (self.exact, self.sampled)}
 
     def set_ratios(self, rho: float, nu: float) -> None:
-        self.wrapped.sampler.rho = [rho] * self.wrapped.sampler.num_blocks
-        for slot in self.wrapped.sampler.linears:
+        self.wrapped.engine.rho = [rho] * self.wrapped.engine.num_blocks
+        for slot in self.wrapped.engine.linears:
             slot.nu = nu
 
     def loss(self, model: nn.Module) -> torch.Tensor:
@@ -67,8 +67,8 @@ class Pair:
     def step(self, variant: str) -> tuple[nn.Module, Callable[[], None]]:
         """The model of ``variant`` and its forward+backward."""
         model = self.exact if variant == "exact" else self.sampled
-        self.wrapped.sampler.reference = variant == "reference"
-        self.wrapped.sampler.static_shapes = variant == "static"
+        self.wrapped.engine.reference = variant == "reference"
+        self.wrapped.engine.static_shapes = variant == "static"
 
         def run() -> None:
             self.loss(model).backward()
@@ -147,7 +147,7 @@ def forward_share(pair: Pair, repeats: int, warmup: int) -> dict:
 
 def host_syncs(pair: Pair, variants: tuple[str, ...] = VARIANTS) -> dict:
     """Host syncs of one forward+backward of each variant, in all and in the backward alone."""
-    row: dict = {"model": pair.case.name, "blocks": pair.wrapped.sampler.num_blocks}
+    row: dict = {"model": pair.case.name, "blocks": pair.wrapped.engine.num_blocks}
     for variant in variants:
         model, _ = pair.step(variant)
         with SyncCounter() as whole:
@@ -193,7 +193,7 @@ def phase_overhead(pair: Pair, repeats: int) -> list[dict]:
     for name, (settings, reference) in PHASES.items():
         model = copy.deepcopy(pair.exact)
         controller = VcasController(model, pair.case.block_type, VcasConfig(F=1, M=2, **settings))
-        controller.sampler.reference = reference
+        controller.engine.reference = reference
 
         def phase(controller: VcasController = controller, model: nn.Module = model) -> None:
             controller.adapt(lambda batch: pair.loss(model), [pair.batch, pair.batch], 0)

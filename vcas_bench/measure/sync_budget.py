@@ -100,7 +100,7 @@ def count_syncs(sampler: str, layers: int, device: torch.device, hidden: int = 6
         else:
             sampled = None
             if sampler != "exact":
-                sampled = wrap(model, "BertLayer", torch.Generator().manual_seed(0)).sampler
+                sampled = wrap(model, "BertLayer", torch.Generator().manual_seed(0)).engine
                 sampled.static_shapes = sampler == "vcas-static"
                 sampled.rho = [0.5] * layers
                 for slot in sampled.linears:

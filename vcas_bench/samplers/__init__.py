@@ -7,8 +7,10 @@ The contract (:class:`Sampler`, :class:`StepStats`, :class:`PhaseReport`) and th
 from vcas_bench.samplers import exact, infobatch, sb, ub, vcas  # noqa: F401  (registration)
 from vcas_bench.samplers.base import (
     SAMPLERS,
+    DrawsForMonitor,
     LogRow,
     LossFn,
+    OwnsRowEngine,
     PhaseReport,
     ReduceFn,
     Sampler,
@@ -20,4 +22,4 @@ from vcas_bench.samplers.base import (
 )
 
 __all__ = ["SAMPLERS", "Sampler", "StepStats", "PhaseReport", "LogRow", "LossFn", "ReduceFn", "WithoutPhases",
-           "create_sampler", "sampler_settings", "mean_loss_backward"]
+           "OwnsRowEngine", "DrawsForMonitor", "create_sampler", "sampler_settings", "mean_loss_backward"]

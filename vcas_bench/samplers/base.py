@@ -11,15 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from vcas_bench.registry import Registry
+from vcas_bench.vcas.autograd import RowEngine
 
 __all__ = ["SAMPLERS", "Sampler", "StepStats", "PhaseReport", "LogRow", "LossFn", "ReduceFn", "WithoutPhases",
-           "create_sampler", "sampler_settings", "mean_loss_backward"]
+           "OwnsRowEngine", "DrawsForMonitor", "create_sampler", "sampler_settings", "mean_loss_backward"]
 
 SAMPLERS = Registry("sampler")
 
@@ -84,6 +85,24 @@ class Sampler(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class OwnsRowEngine(Protocol):
+    """A sampler that drives a :class:`RowEngine` the model's linears may not point to (VCAS on a CNN
+    wraps no linear but still samples its blocks' activation gradients). The variance monitor turns
+    sampling off in these engines and in the linears' own for its exact passes."""
+
+    def row_engines(self) -> list[RowEngine]: ...
+
+
+@runtime_checkable
+class DrawsForMonitor(Protocol):
+    """A sampler whose :meth:`Sampler.step` is not one of its draws as the monitor needs it (InfoBatch's
+    step updates its loss table): ``monitor_draw`` leaves one draw's gradient in ``.grad`` and changes
+    no state."""
+
+    def monitor_draw(self, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> None: ...
 
 
 class WithoutPhases:

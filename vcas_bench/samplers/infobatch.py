@@ -129,7 +129,7 @@ class InfoBatchSampler(WithoutPhases):
         extra = {"pruned_fraction": self.pruned_fraction, "well_learned_fraction": self.well_learned_fraction}
         return StepStats(loss=float(values.mean()), keep_ratio=1.0, analytic_cost=1.0, extra=extra)
 
-    def monitor_step(self, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> None:
+    def monitor_draw(self, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> None:
         """One of InfoBatch's draws on ``batch`` for the variance monitor: each row the current epoch's
         plan could prune (well-learned when it was planned) is kept with probability ``1 - r`` and
         weighted by its inverse; the loss table and the plan are untouched."""

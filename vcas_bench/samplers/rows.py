@@ -36,20 +36,20 @@ class RowSubsetBackward:
         """Backward of ``sum_i weights_i * losses_i`` over the rows with a non-zero weight.
 
         ``weights`` live on the CPU (SB and UB decide there), so the kept rows are known without a
-        device read and every block reuses them (``RowSampler.step_rows``). Returns the keep ratio.
+        device read and every block reuses them (``RowEngine.step_rows``). Returns the keep ratio.
         With no row kept nothing is backpropagated (all gradients stay 0).
         """
         # A host list, not tensor reads: on the CPU nothing here is a device read, and none is counted.
         kept = [i for i, w in enumerate(weights.cpu().tolist()) if w > 0]
         if not kept:
             return 0.0
-        sampler, device, n = self.wrapped.sampler, losses.device, len(weights)
+        engine, device, n = self.wrapped.engine, losses.device, len(weights)
         rows = None if len(kept) == n else fixed_row_set(to_device(torch.tensor(kept), device), n)
-        sampler.step_rows = rows
+        engine.step_rows = rows
         try:
             (losses * to_device(weights, device).to(losses.dtype)).sum().backward()
         finally:
-            sampler.step_rows = None
+            engine.step_rows = None
         return len(kept) / n
 
 

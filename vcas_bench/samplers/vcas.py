@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from vcas_bench.samplers.base import SAMPLERS, LossFn, PhaseReport, ReduceFn, StepStats, mean_loss_backward
-from vcas_bench.vcas import VcasConfig, VcasController, default_update_period
+from vcas_bench.vcas import RowEngine, VcasConfig, VcasController, default_update_period
 
 _PAPER = VcasConfig()  # the one definition of the defaults (vcas_bench/vcas/config.py)
 _PLUS = VcasConfig.plus()  # the one definition of the preset, shared with library users
@@ -105,6 +105,10 @@ class VcasSampler:
         keys = ("s", "rho_mean", "nu_mean", "V_act_over_V_s", "V_w_over_V_s")
         finals = {f"final_{k}": summary[k] for k in keys}
         return {"vcas_F": self.period, **finals, "final_rho": last.rho, "final_nu": last.nu}
+
+    def row_engines(self) -> list[RowEngine]:
+        """The engine VCAS drives (:class:`OwnsRowEngine`; none before :meth:`attach`)."""
+        return [self.controller.engine] if self.controller is not None else []
 
     def detach(self) -> None:
         if self.controller is not None:

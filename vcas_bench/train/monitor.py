@@ -38,9 +38,9 @@ from torch.utils.data import Dataset, default_collate
 from torch.utils.flop_counter import FlopCounterMode
 
 from vcas_bench.measure.timers import synchronize
-from vcas_bench.samplers import LossFn, Sampler
+from vcas_bench.samplers import DrawsForMonitor, LossFn, OwnsRowEngine, Sampler
 from vcas_bench.train.data import IndexedRows
-from vcas_bench.vcas.autograd import RowSampler
+from vcas_bench.vcas.autograd import RowEngine
 from vcas_bench.vcas.variance import (
     buffer_snapshot,
     cuda_devices,
@@ -246,17 +246,17 @@ def _mean_backward(loss_fn: LossFn, batch) -> None:
 
 
 def _draw(sampler: Sampler, loss_fn: LossFn):
-    """One of the sampler's own draws into ``.grad``: its ``monitor_step`` (InfoBatch), else its step."""
-    own = getattr(sampler, "monitor_step", None)
-    return (lambda b: own(b, loss_fn)) if own is not None else (lambda b: sampler.step(b, loss_fn))
+    """One of the sampler's own draws into ``.grad``: its ``monitor_draw`` (InfoBatch), else its step."""
+    if isinstance(sampler, DrawsForMonitor):
+        return lambda b: sampler.monitor_draw(b, loss_fn)
+    return lambda b: sampler.step(b, loss_fn)
 
 
-def _engines(model: nn.Module, sampler: Sampler) -> list[RowSampler]:
+def _engines(model: nn.Module, sampler: Sampler) -> list[RowEngine]:
     """The row-skipping engines driving ``model``'s backward (VCAS's, or SB/UB's with rho = nu = 1)."""
-    found = {id(m._vcas_sampler): m._vcas_sampler for m in model.modules() if hasattr(m, "_vcas_sampler")}
-    controller = getattr(sampler, "controller", None)  # a CNN under VCAS has no wrapped linear
-    if controller is not None:
-        found[id(controller.sampler)] = controller.sampler
+    found = {id(m._vcas_engine): m._vcas_engine for m in model.modules() if hasattr(m, "_vcas_engine")}
+    if isinstance(sampler, OwnsRowEngine):
+        found.update({id(engine): engine for engine in sampler.row_engines()})
     return list(found.values())
 
 

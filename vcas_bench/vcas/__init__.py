@@ -13,7 +13,7 @@ This package is the method alone (torch only: no trainer, Hydra or dataset code)
 beside it. ``vcas_bench.integrations`` drives it from a plain loop, HF ``Trainer`` or Lightning.
 """
 
-from vcas_bench.vcas.autograd import LinearSlot, RowSampler
+from vcas_bench.vcas.autograd import LinearSlot, RowEngine
 from vcas_bench.vcas.config import VcasConfig, default_update_period
 from vcas_bench.vcas.controller import PhaseStats, VcasController, VcasSummary
 from vcas_bench.vcas.flops import interval_cost_ratio, keep_ratio_cost, phase_cost_ratio, step_cost_ratio
@@ -29,7 +29,7 @@ from vcas_bench.vcas.sampling import (
 from vcas_bench.vcas.wrap import SampledLinear, Wrapped, auto_block_type, find_blocks, unwrap, wrap
 
 __all__ = [
-    "VcasConfig", "default_update_period", "VcasController", "PhaseStats", "VcasSummary", "RowSampler",
+    "VcasConfig", "default_update_period", "VcasController", "PhaseStats", "VcasSummary", "RowEngine",
     "LinearSlot", "SampledLinear",
     "Wrapped", "wrap", "unwrap", "find_blocks", "auto_block_type", "soft_topk", "bernoulli_keep", "row_norms",
     "find_top_sum",

@@ -19,10 +19,10 @@ SampleA) and its linears reuse them; SampleA's probabilities, SampleW's draws (f
 the kept fractions stay on the device. A linear re-reads its own rows only where gradient may enter
 the block elsewhere: a tuple block's other outputs received gradient, or the block holds BatchNorm in
 train mode (``BlockRows.other_paths``). Any other entry (a hook inside a block feeding the loss) is
-caught on the device and reported by :meth:`RowSampler.read_step`. With ``static_shapes`` a block
+caught on the device and reported by :meth:`RowEngine.read_step`. With ``static_shapes`` a block
 keeps a fixed number of rows (systematic sampling) and nothing is read back at all.
 
-Everything they read and write lives on one :class:`RowSampler` instance per wrapped model: no
+Everything they read and write lives on one :class:`RowEngine` instance per wrapped model: no
 class-level counters, no global state, a private ``torch.Generator``.
 """
 
@@ -44,7 +44,7 @@ from vcas_bench.vcas.sampling import (
     systematic_sample,
 )
 
-__all__ = ["RowSampler", "SampleActivation", "SampledLinearFunction", "LinearSlot", "RowSet", "BlockRows",
+__all__ = ["RowEngine", "SampleActivation", "SampledLinearFunction", "LinearSlot", "RowSet", "BlockRows",
            "StepReading", "OtherPath", "nonzero_rows", "row_set"]
 
 
@@ -54,7 +54,7 @@ class LinearSlot:
 
     name: str
     block: int
-    index: int = 0  # position in RowSampler.linears
+    index: int = 0  # position in RowEngine.linears
     nu: float = 1.0
     weight_variance: float = 0.0  # analytic V_w summed over recorded passes (Eq. 3)
     # Variance phase with a row subset: compute only these output rows of the weight gradient
@@ -71,7 +71,7 @@ class StepReading:
 
 
 @dataclass
-class RowSampler:
+class RowEngine:
     """Per-model state of the sampled backward.
 
     Attributes:
@@ -132,7 +132,7 @@ class RowSampler:
             raise RuntimeError(
                 f"VCAS: gradient reached {', '.join(bad[:3])} outside the rows its block kept, by a path "
                 "that bypasses the block's outputs (e.g. a hook inside the block feeding the loss); that "
-                "gradient was dropped. Return the tensor from the block, or set sampler.current[...]"
+                "gradient was dropped. Return the tensor from the block, or set engine.current[...]"
                 ".other_paths / wrap a smaller block_type")
         return StepReading(kept)
 
@@ -306,15 +306,15 @@ class SampleActivation(torch.autograd.Function):
     """Identity forward; SampleA on the gradient in backward, which also decides the block's rows."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, sampler: RowSampler, block: int, block_rows: BlockRows
+    def forward(ctx, hidden: torch.Tensor, engine: RowEngine, block: int, block_rows: BlockRows
                 ) -> torch.Tensor:
-        ctx.sampler, ctx.block, ctx.block_rows = sampler, block, block_rows
+        ctx.engine, ctx.block, ctx.block_rows = engine, block, block_rows
         return hidden.view_as(hidden)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = ctx.sampler.sample_block_gradient(ctx.block, grad)
-        ctx.block_rows.decided, ctx.block_rows.rows = ctx.sampler.take_rows(ctx.block)
+        grad = ctx.engine.sample_block_gradient(ctx.block, grad)
+        ctx.block_rows.decided, ctx.block_rows.rows = ctx.engine.take_rows(ctx.block)
         return grad, None, None, None
 
 
@@ -337,9 +337,9 @@ class SampledLinearFunction(torch.autograd.Function):
     """``y = x W^T + b`` whose backward skips zero gradient rows (and samples W's rows)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, sampler: RowSampler, slot: LinearSlot):
+    def forward(ctx, x, weight, bias, engine: RowEngine, slot: LinearSlot):
         # A custom Function is not autocast by itself: cast as autocast would for F.linear, and hand the
-        # gradients back in the inputs' own dtypes (fp32 master weights). The sampler's norms and
+        # gradients back in the inputs' own dtypes (fp32 master weights). The engine's norms and
         # variances are taken in float32 either way (sampling.py).
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         dtype = _autocast_dtype(x.device.type)
@@ -347,15 +347,15 @@ class SampledLinearFunction(torch.autograd.Function):
             x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
         ctx.save_for_backward(x, weight)
-        ctx.sampler, ctx.slot, ctx.has_bias = sampler, slot, bias is not None
-        ctx.block_rows = sampler.current[slot.block]
+        ctx.engine, ctx.slot, ctx.has_bias = engine, slot, bias is not None
+        ctx.block_rows = engine.current[slot.block]
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
-        reference = ctx.sampler.reference
-        rows = ctx.sampler.linear_rows(ctx.slot, ctx.block_rows, grad_out)
+        reference = ctx.engine.reference
+        rows = ctx.engine.linear_rows(ctx.slot, ctx.block_rows, grad_out)
         # Skipped rows have an exactly zero gradient: slicing them away changes no number, only work.
         g = grad_out if rows is None else grad_out.index_select(0, rows.rows)
         grad_x = grad_w = grad_b = None
@@ -367,7 +367,7 @@ class SampledLinearFunction(torch.autograd.Function):
                 grad_x = _scatter_rows(grad_x, rows.rows, x.shape, rows.skipped)
         g2 = g.reshape(-1, g.shape[-1])
         if ctx.needs_input_grad[1]:
-            grad_w = ctx.sampler.weight_gradient(ctx.slot, g2, *_input_rows(x, rows, reference))
+            grad_w = ctx.engine.weight_gradient(ctx.slot, g2, *_input_rows(x, rows, reference))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
         x_dtype, w_dtype, b_dtype = ctx.dtypes

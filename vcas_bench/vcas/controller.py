@@ -109,8 +109,8 @@ class VcasController:
         self.config = config or VcasConfig()
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.wrapped: Wrapped = wrap(model, block_type, self.generator)
-        self.sampler = self.wrapped.sampler
-        self.sampler.static_shapes = self.config.static_shapes
+        self.engine = self.wrapped.engine
+        self.engine.static_shapes = self.config.static_shapes
         self.last_reading: StepReading | None = None  # the last counted backward's statistics
         self.s = 1.0
         self.history: list[PhaseStats] = []
@@ -119,8 +119,8 @@ class VcasController:
         self.cost_units = 0.0  # analytic FLOPs spent, in units of one exact FP+BP (docs/method.md §9)
         cfg = self.config
         self.alpha_now = cfg.alpha_max or cfg.alpha  # current s step (shrinks at sign flips)
-        self.beta_now = [cfg.beta_min or cfg.beta] * len(self.sampler.linears)
-        self.nu_direction = [0] * len(self.sampler.linears)
+        self.beta_now = [cfg.beta_min or cfg.beta] * len(self.engine.linears)
+        self.nu_direction = [0] * len(self.engine.linears)
         self.direction = 0  # sign of the last s move
         self.F_now = cfg.F
         self.next_phase = 0
@@ -131,18 +131,18 @@ class VcasController:
     # -- public API ----------------------------------------------------------------------------
     @property
     def rho(self) -> list[float]:
-        return list(self.sampler.rho)
+        return list(self.engine.rho)
 
     @property
     def nu(self) -> list[float]:
-        return [slot.nu for slot in self.sampler.linears]
+        return [slot.nu for slot in self.engine.linears]
 
     @property
     def kept_fraction(self) -> list[float]:
         """Per block, the fraction of rows SampleA kept in the last counted backward (bottom block first),
         as read once by :meth:`count_step`; all ones before any sampled backward."""
         reading = self.last_reading
-        return list(reading.kept_fraction) if reading is not None else [1.0] * self.sampler.num_blocks
+        return list(reading.kept_fraction) if reading is not None else [1.0] * self.engine.num_blocks
 
     @property
     def device(self) -> torch.device:
@@ -181,7 +181,7 @@ class VcasController:
 
     def step_cost(self) -> float:
         """Analytic FLOPs of one training step at the current rho / nu, relative to exact (method §9)."""
-        return step_cost_ratio(self.sampler.rho, self.nu_per_block())
+        return step_cost_ratio(self.engine.rho, self.nu_per_block())
 
     def phase_cost(self) -> float:
         """Analytic FLOPs of one variance phase at the current rho, in exact FP+BP steps (method §9)."""
@@ -189,13 +189,13 @@ class VcasController:
         rows = cfg.variance_subset == "rows"
         # A folded first pass computes every weight gradient in full (its update needs them).
         weight_fraction = cfg.param_sample_ratio if rows else 1.0
-        return phase_cost_ratio(self.sampler.rho, cfg.M, cfg.reuse_forward, weight_fraction) + (
+        return phase_cost_ratio(self.engine.rho, cfg.M, cfg.reuse_forward, weight_fraction) + (
             (1 - weight_fraction) / 3 if rows and cfg.fold_batch else 0.0)
 
     def interval_cost(self) -> float:
         """The paper's analytic cost r of one adaptation interval (``F`` steps and a phase) at the current
         schedule, relative to exact training (method §9)."""
-        return interval_cost_ratio(self.sampler.rho, self.nu_per_block(), self.config.M, self.config.F)
+        return interval_cost_ratio(self.engine.rho, self.nu_per_block(), self.config.M, self.config.F)
 
     def count_step(self, cost: float | None = None) -> None:
         """Record one micro-batch's backward for the analytic FLOPs ratio (``cost`` overrides the sampled
@@ -205,7 +205,7 @@ class VcasController:
                                "applied it; backpropagate vcas.folded_loss() (or take_folded()) first")
         self.steps += 1
         self.cost_units += self.step_cost() if cost is None else cost
-        self.last_reading = self.sampler.read_step() if cost is None else None  # one read; raises on a leak
+        self.last_reading = self.engine.read_step() if cost is None else None  # one read; raises on a leak
 
     def take_folded(self) -> tuple[float, list[torch.Tensor]] | None:
         """With ``fold_batch``: the loss and full gradient (over ``self.params``) of the last phase's
@@ -276,7 +276,7 @@ class VcasController:
         """What was wrapped, what was left exact, and the current schedule."""
         nu = self.nu
         return VcasSummary(
-            block_type=self.wrapped.block_type, blocks=self.sampler.num_blocks, sampled_linears=len(nu),
+            block_type=self.wrapped.block_type, blocks=self.engine.num_blocks, sampled_linears=len(nu),
             exact_linear_like=list(self.wrapped.exact_linear_like), steps=self.steps, phases=self.phases,
             s=self.s, rho_mean=sum(self.rho) / len(self.rho), nu_mean=sum(nu) / len(nu) if nu else math.nan,
             F_now=self.F_now, analytic_flops_ratio=self.analytic_flops_ratio())
@@ -294,8 +294,8 @@ class VcasController:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.s, self.steps, self.phases = state["s"], state["steps"], state["phases"]
         self.cost_units = state["cost_units"]
-        self.sampler.rho = list(state["rho"])
-        for slot, nu in zip(self.sampler.linears, state["nu"], strict=True):
+        self.engine.rho = list(state["rho"])
+        for slot, nu in zip(self.engine.linears, state["nu"], strict=True):
             slot.nu = nu
         self.generator.set_state(state["generator"])
         self.history = [PhaseStats(**h) for h in state["history"]]
@@ -305,7 +305,7 @@ class VcasController:
 
     # -- updates -------------------------------------------------------------------------------
     def _update(self, est: VarianceEstimate, step: int, cost: float) -> None:
-        cfg, sampler = self.config, self.sampler
+        cfg, engine = self.config, self.engine
         V_s = sum(est.V_s_layer)
         if not all(map(math.isfinite, [V_s, est.V_act, *est.V_w_layer])):
             # An overflow (fp16 gradients) measured nothing usable: record it, change nothing.
@@ -319,8 +319,8 @@ class VcasController:
         self.direction = direction
         self.s = min(max(self.s + direction * self.alpha_now, 0.0), 1.0)
         target = monotone_envelope(est.keep_at[direction])
-        sampler.rho = [cfg.rho_ema * old + (1 - cfg.rho_ema) * new for old, new in zip(sampler.rho, target)]
-        for i, (slot, v_w, v_s) in enumerate(zip(sampler.linears, est.V_w_layer, est.V_s_layer)):
+        engine.rho = [cfg.rho_ema * old + (1 - cfg.rho_ema) * new for old, new in zip(engine.rho, target)]
+        for i, (slot, v_w, v_s) in enumerate(zip(engine.linears, est.V_w_layer, est.V_s_layer)):
             up = v_w > cfg.tau_w * v_s
             beta = self._nu_multiplier(i, +1 if up else -1)
             slot.nu = min(1.0, slot.nu / beta) if up else slot.nu * beta
@@ -357,8 +357,8 @@ class VcasController:
 
     def nu_per_block(self) -> list[list[float]]:
         """nu of each block's linears, grouped by block."""
-        per_block: list[list[float]] = [[] for _ in range(self.sampler.num_blocks)]
-        for slot in self.sampler.linears:
+        per_block: list[list[float]] = [[] for _ in range(self.engine.num_blocks)]
+        for slot in self.engine.linears:
             per_block[slot.block].append(slot.nu)
         return per_block
 

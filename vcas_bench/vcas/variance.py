@@ -75,7 +75,7 @@ class VarianceEstimator:
                  params: list[nn.Parameter], reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
                  ) -> None:
         self.wrapped, self.config, self.generator = wrapped, config, generator
-        self.sampler = wrapped.sampler
+        self.engine = wrapped.engine
         self.params = params
         self.reduce_fn = reduce_fn
         self.folded: tuple[float, list[torch.Tensor]] | None = None  # (loss, gradient) of a folded batch
@@ -95,7 +95,7 @@ class VarianceEstimator:
 
     def _estimate(self, loss_fn: LossFn, batches: list[Any], s_candidates: dict[int, float]
                   ) -> VarianceEstimate:
-        cfg, sampler = self.config, self.sampler
+        cfg, engine = self.config, self.engine
         weights = self.wrapped.variance_weights  # sampled linears first: V_s_layer[l] pairs with linear l
         buffers = buffer_snapshot(self.wrapped.model)
         probes = [self.probe_subset(w) for w in weights]
@@ -103,8 +103,8 @@ class VarianceEstimator:
                                  dtype=torch.float64)
         sum_g = sum_g2 = None
         act_sq = torch.zeros(len(weights), dtype=torch.float64)
-        candidates = {+1: torch.zeros(sampler.num_blocks), -1: torch.zeros(sampler.num_blocks)}
-        for slot in sampler.linears:
+        candidates = {+1: torch.zeros(engine.num_blocks), -1: torch.zeros(engine.num_blocks)}
+        for slot in engine.linears:
             slot.weight_variance = 0.0
         for i, batch in enumerate(batches):
             rng_before = rng_state()
@@ -113,7 +113,7 @@ class VarianceEstimator:
                 buffers = buffer_snapshot(self.wrapped.model)
             g_exact = self._pass(loss, weights, probes, exact=True, fold=cfg.fold_batch and i == 0)
             for sign, s_cand in s_candidates.items():
-                candidates[sign] += torch.tensor([find_top_sum(n, s_cand) for n in sampler.norms])
+                candidates[sign] += torch.tensor([find_top_sum(n, s_cand) for n in engine.norms])
             if sum_g is None:
                 sum_g, sum_g2 = [torch.zeros_like(g) for g in g_exact], [torch.zeros_like(g) for g in g_exact]
             for g, t, t2 in zip(g_exact, sum_g, sum_g2):
@@ -130,14 +130,14 @@ class VarianceEstimator:
         M = cfg.M
         V_s_layer = [float(sample_variance(t, t2, M) / r)
                      for t, t2, r in zip(sum_g, sum_g2, fractions.tolist())]
-        V_w_layer = [slot.weight_variance / M**2 for slot in sampler.linears]
+        V_w_layer = [slot.weight_variance / M**2 for slot in engine.linears]
         return VarianceEstimate(V_s_layer=V_s_layer, V_w_layer=V_w_layer,
                                 V_act=float((act_sq / fractions).sum()) / M**2,
                                 keep_at={sign: (c / M).tolist() for sign, c in candidates.items()})
 
     def _reduce(self, est: VarianceEstimate) -> VarianceEstimate:
         """The estimates averaged over ranks with ``reduce_fn``, in one call."""
-        n_s, n_w, n_b = len(est.V_s_layer), len(est.V_w_layer), self.sampler.num_blocks
+        n_s, n_w, n_b = len(est.V_s_layer), len(est.V_w_layer), self.engine.num_blocks
         flat = [*est.V_s_layer, *est.V_w_layer, est.V_act, *est.keep_at[+1], *est.keep_at[-1]]
         mean = self.reduce_fn(torch.tensor(flat, dtype=torch.float64)).tolist()
         cut = [n_s, n_s + n_w, n_s + n_w + 1, n_s + n_w + 1 + n_b]
@@ -153,23 +153,23 @@ class VarianceEstimator:
         (and no ``fold``) the sampled linears compute only the probed rows of their weight gradient;
         other weights (conv kernels) are probed from their full gradient.
         """
-        sampler, by_rows = self.sampler, self.config.variance_subset == "rows"
+        engine, by_rows = self.engine, self.config.variance_subset == "rows"
         probe_linears = by_rows and not fold
-        saved = (sampler.sample_activations, sampler.sample_weights)
-        sampler.sample_activations, sampler.sample_weights = not exact, False
-        sampler.record_norms, sampler.record_weight_variance = exact, not exact
+        saved = (engine.sample_activations, engine.sample_weights)
+        engine.sample_activations, engine.sample_weights = not exact, False
+        engine.record_norms, engine.record_weight_variance = exact, not exact
         retain = retain or (exact and self.config.reuse_forward)
         if probe_linears:
-            for slot, rows in zip(sampler.linears, probes):
+            for slot, rows in zip(engine.linears, probes):
                 slot.probe_rows = rows
         try:
             targets = self.params if fold else weights
             grads = list(torch.autograd.grad(loss, targets, retain_graph=retain, allow_unused=fold))
-            probed = [slot.probe_grad for slot in sampler.linears] if probe_linears else []
+            probed = [slot.probe_grad for slot in engine.linears] if probe_linears else []
         finally:
-            sampler.sample_activations, sampler.sample_weights = saved
-            sampler.record_norms = sampler.record_weight_variance = False
-            for slot in sampler.linears:
+            engine.sample_activations, engine.sample_weights = saved
+            engine.record_norms = engine.record_weight_variance = False
+            for slot in engine.linears:
                 slot.probe_rows = slot.probe_grad = None
         if fold:
             self.folded = (float(loss.detach()), grads)

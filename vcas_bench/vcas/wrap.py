@@ -34,7 +34,7 @@ from torch import nn
 from vcas_bench.vcas.autograd import (
     LinearSlot,
     OtherPath,
-    RowSampler,
+    RowEngine,
     SampleActivation,
     SampledLinearFunction,
 )
@@ -44,18 +44,18 @@ __all__ = ["SampledLinear", "Wrapped", "wrap", "unwrap", "find_blocks", "auto_bl
 
 
 class SampledLinear(nn.Linear):
-    """An ``nn.Linear`` whose backward goes through the model's :class:`RowSampler`."""
+    """An ``nn.Linear`` whose backward goes through the model's :class:`RowEngine`."""
 
-    _vcas_sampler: RowSampler
+    _vcas_engine: RowEngine
     _vcas_slot: LinearSlot
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return SampledLinearFunction.apply(x, self.weight, self.bias, self._vcas_sampler, self._vcas_slot)
+        return SampledLinearFunction.apply(x, self.weight, self.bias, self._vcas_engine, self._vcas_slot)
 
 
 def _sampled_conv1d_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """HF ``Conv1D`` is ``x @ W + b`` with ``W (in, out)``: the same linear on the transposed view."""
-    return SampledLinearFunction.apply(x, self.weight.t(), self.bias, self._vcas_sampler, self._vcas_slot)
+    return SampledLinearFunction.apply(x, self.weight.t(), self.bias, self._vcas_engine, self._vcas_slot)
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -69,7 +69,7 @@ class Wrapped:
     """What :func:`wrap` did to a model, so that :func:`unwrap` can undo it."""
 
     model: nn.Module
-    sampler: RowSampler
+    engine: RowEngine
     block_names: list[str]
     linear_modules: list[nn.Module]  # nn.Linear switched to SampledLinear, or HF Conv1D
     hooks: list = field(default_factory=list)
@@ -146,24 +146,24 @@ def find_blocks(model: nn.Module, block_type: type | str) -> list[tuple[str, nn.
     return blocks
 
 
-def _block_input_hook(sampler: RowSampler, index: int, mixers: list[nn.Module]):
+def _block_input_hook(engine: RowEngine, index: int, mixers: list[nn.Module]):
     """A new :class:`BlockRows` per call of the block; BatchNorm in train mode mixes rows, so a block
     holding one lets its linears read their own rows."""
 
     def hook(module: nn.Module, args) -> None:
-        sampler.open_block(index, mixes_rows=any(m.training for m in mixers))
+        engine.open_block(index, mixes_rows=any(m.training for m in mixers))
 
     return hook
 
 
-def _block_output_hook(sampler: RowSampler, index: int):
+def _block_output_hook(engine: RowEngine, index: int):
     def hook(module: nn.Module, args, output):
-        rows = sampler.current[index]
+        rows = engine.current[index]
         if isinstance(output, torch.Tensor):
-            return SampleActivation.apply(output, sampler, index, rows)
+            return SampleActivation.apply(output, engine, index, rows)
         # Tuple-returning blocks (older HF BertLayer, ViTLayer, T5Block): the hidden state is element 0;
         # gradient arriving at the others (T5's position bias, an auxiliary output) bypasses SampleA.
-        return (SampleActivation.apply(output[0], sampler, index, rows),
+        return (SampleActivation.apply(output[0], engine, index, rows),
                 *(_mark_other_path(o, rows) for o in output[1:]))
 
     return hook
@@ -186,13 +186,13 @@ def _is_linear_like(module: nn.Module) -> bool:
     return False
 
 
-def _switch(module: nn.Module, sampler: RowSampler, slot: LinearSlot) -> None:
+def _switch(module: nn.Module, engine: RowEngine, slot: LinearSlot) -> None:
     """Route ``module``'s forward through the sampled linear, keeping its parameters and hooks."""
     if is_hf_conv1d(module):
         module.forward = types.MethodType(_sampled_conv1d_forward, module)
     else:
         module.__class__ = SampledLinear
-    module._vcas_sampler, module._vcas_slot = sampler, slot
+    module._vcas_engine, module._vcas_slot = engine, slot
 
 
 def wrap(model: nn.Module, block_type: type | str = "auto", generator: torch.Generator | None = None
@@ -202,21 +202,21 @@ def wrap(model: nn.Module, block_type: type | str = "auto", generator: torch.Gen
     if any(hasattr(m, "_vcas_slot") for m in model.modules()):
         raise ValueError("model is already wrapped; unwrap it first")
     blocks = find_blocks(model, block_type)
-    sampler = RowSampler(num_blocks=len(blocks), generator=generator or torch.Generator())
-    wrapped = Wrapped(model=model, sampler=sampler, block_names=[n for n, _ in blocks], linear_modules=[],
+    engine = RowEngine(num_blocks=len(blocks), generator=generator or torch.Generator())
+    wrapped = Wrapped(model=model, engine=engine, block_names=[n for n, _ in blocks], linear_modules=[],
                       block_type=type(blocks[0][1]).__name__)
     for index, (block_name, block) in enumerate(blocks):
         mixers = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        wrapped.hooks.append(block.register_forward_pre_hook(_block_input_hook(sampler, index, mixers)))
+        wrapped.hooks.append(block.register_forward_pre_hook(_block_input_hook(engine, index, mixers)))
         # prepend: hooks registered before wrapping (HF's output recorders) see the SampleA output, so
         # gradient from a recorded hidden state passes through SampleA like the rest.
-        wrapped.hooks.append(block.register_forward_hook(_block_output_hook(sampler, index), prepend=True))
+        wrapped.hooks.append(block.register_forward_hook(_block_output_hook(engine, index), prepend=True))
         for name, module in block.named_modules():
             full_name = f"{block_name}.{name}"
             if type(module) is nn.Linear or is_hf_conv1d(module):
-                slot = LinearSlot(name=full_name, block=index, index=len(sampler.linears))
-                sampler.linears.append(slot)
-                _switch(module, sampler, slot)
+                slot = LinearSlot(name=full_name, block=index, index=len(engine.linears))
+                engine.linears.append(slot)
+                _switch(module, engine, slot)
                 wrapped.linear_modules.append(module)
             elif _is_linear_like(module):
                 wrapped.exact_linear_like.append(full_name)
@@ -237,6 +237,6 @@ def unwrap(wrapped: Wrapped) -> nn.Module:
             del module.forward
         else:
             module.__class__ = nn.Linear
-        del module._vcas_sampler, module._vcas_slot
+        del module._vcas_engine, module._vcas_slot
     wrapped.hooks.clear()
     return wrapped.model
