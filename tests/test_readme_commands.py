@@ -189,12 +189,14 @@ def _two_step_args(command: Command, standins: Standins, tmp_path: Path) -> list
         args = _set(args, "task.args.eval_size", 16)
     if cfg.task.name in CAPPED_TRAIN:
         args = _set(args, "task.args.train_size", 256)
-    if "max_length" in builder and "task.args.max_length" not in given:
-        args = _set(args, "task.args.max_length", SMALL_SEQ)
-    if "task.batch_size" not in given:  # a smaller batch builds and runs the same code
-        args = _set(args, "task.batch_size", SMALL_BATCH)
+    small = {"task.batch_size": SMALL_BATCH}
+    if "max_length" in builder:
+        small["task.args.max_length"] = SMALL_SEQ
     if cfg.task.glue_eval.task is not None:
-        args += [f"task.glue_eval.batch_size={SMALL_BATCH}", f"task.glue_eval.max_length={SMALL_SEQ}"]
+        small.update({"task.glue_eval.batch_size": SMALL_BATCH, "task.glue_eval.max_length": SMALL_SEQ})
+    for key, value in small.items():
+        if key not in given:  # a command's own setting stays; smaller arrays run the same code
+            args = _set(args, key, value)
     for key, value in (("trainer.max_steps", 2), ("trainer.progress", "false"), ("trainer.device", "cpu"),
                        ("hydra.run.dir", tmp_path / "run"), ("hydra.sweep.dir", tmp_path / "sweep")):
         args = _set(args, key, value)
