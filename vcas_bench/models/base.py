@@ -20,11 +20,6 @@ from transformers.utils import logging as hf_logging
 from vcas_bench.assets import HubAsset, MissingAsset
 from vcas_bench.registry import Registry
 
-__all__ = [
-    "MLM_MODELS", "MODELS", "MODEL_HUB_ASSETS", "MODEL_MODALITIES", "ModelBundle", "create_model",
-    "register_model", "load_pretrained",
-]
-
 # The factory's own parameters: `create_model(name, num_labels, mlm, **builder_args)`.
 MODELS = Registry("model", reserved=("name",))
 # name -> "text" | "image", known without building, so tasks can list compatible models in errors.

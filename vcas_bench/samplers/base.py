@@ -19,9 +19,6 @@ from torch import nn
 from vcas_bench.registry import Registry
 from vcas_bench.vcas.autograd import RowEngine
 
-__all__ = ["SAMPLERS", "Sampler", "StepStats", "PhaseReport", "LogRow", "LossFn", "ReduceFn", "WithoutPhases",
-           "OwnsRowEngine", "DrawsForMonitor", "create_sampler", "sampler_settings", "mean_loss_backward"]
-
 SAMPLERS = Registry("sampler")
 
 # (batch) -> (per-example losses (N,), logits (N, C)); the loss graph is live.

@@ -23,19 +23,6 @@ from vcas_bench.assets import HubAsset, MissingAsset
 from vcas_bench.models.base import MLM_MODELS, MODEL_MODALITIES, ModelBundle
 from vcas_bench.registry import Registry
 
-__all__ = [
-    "TASKS",
-    "TASK_HUB_ASSETS",
-    "TASK_MODALITIES",
-    "TaskData",
-    "cap_indices",
-    "compatibility_error",
-    "create_task",
-    "register_task",
-    "split_rows",
-    "package_file",
-]
-
 # The factory's own parameters: `create_task(name, bundle, model_name, **builder_args)`.
 TASKS = Registry("task", reserved=("name", "bundle", "model_name"))
 # name -> "text" | "image" | "mlm", known before any data loads so a bad task/model pair fails first.
