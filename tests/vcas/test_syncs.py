@@ -13,11 +13,13 @@ and 4 layers (so that the per-layer slope is pinned, not only a total):
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 import torch
 from integration_helpers import tiny_bert
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vcas_bench.measure.syncs import SyncCounter
 from vcas_bench.samplers import create_sampler
@@ -179,6 +181,18 @@ def test_thinned_sampled_matmul_stays_unbiased(monkeypatch):
 
 
 # -- gradient the engine cannot see is reported, not dropped silently ------------------------------
+class _OpCounter(TorchDispatchMode):
+    """Counts calls per operator name (``aten.any.dim`` -> ``any``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+
 def test_gradient_entering_a_block_through_an_inner_hook_is_reported():
     """A loss term on an intermediate activation inside a block (captured by a hook on the block's
     MLP linear) reaches the rows SampleA dropped: the step's read raises and names the block's linears."""
@@ -188,7 +202,42 @@ def test_gradient_entering_a_block_through_an_inner_hook_is_reported():
     inner.register_forward_hook(lambda module, args, out: captured.append(out))
     wrapped = wrap(model, "BertLayer", torch.Generator().manual_seed(0))
     wrapped.engine.rho = [0.3, 0.3]
+    wrapped.engine.check_leaks = True  # the debug switch (the variance phase turns it on by itself)
     loss = _per_example_loss(model)(_batch())[0].mean() + captured[0].square().mean()
     loss.backward()
     with pytest.raises(RuntimeError, match=r"encoder\.layer\.0\."):
         wrapped.engine.read_step()
+
+
+def test_the_variance_phase_checks_for_leaks_and_training_steps_do_not():
+    """Off the hot path: a training step's backward runs no per-linear leak check (no ``any``), and the
+    variance phase's sampled passes do, so the next step's read reports the inner hook's gradient."""
+    from vcas_bench.vcas import VcasConfig, VcasController
+
+    model = tiny_bert(layers=2)
+    captured = []
+    inner = model.bert.encoder.layer[0].intermediate.dense
+    inner.register_forward_hook(lambda module, args, out: captured.append(out))
+    controller = VcasController(model, "BertLayer", VcasConfig(F=1, M=2))
+    controller.engine.rho = [0.3, 0.3]
+    batch = _batch()
+
+    def loss_fn(b):
+        captured.clear()
+        return _per_example_loss(model)(b)[0].mean() + captured[0].square().mean()
+
+    with _OpCounter() as hot:
+        loss_fn(batch).backward()
+    controller.count_step()  # the hot path never looked: nothing to report
+    controller.engine.check_leaks = True
+    with _OpCounter() as checked:
+        loss_fn(batch).backward()
+    controller.engine.check_leaks = False
+    # Two reductions per linear of the sampled blocks (12 linears) when checking; none otherwise.
+    assert checked.counts["any"] - hot.counts["any"] == 2 * 12
+    with pytest.raises(RuntimeError, match=r"encoder\.layer\.0\."):
+        controller.count_step()  # the debug switch reports it (and clears the flags)
+    controller.adapt(loss_fn, [batch, batch], 0)
+    loss_fn(batch).backward()
+    with pytest.raises(RuntimeError, match=r"encoder\.layer\.0\."):
+        controller.count_step()

@@ -182,9 +182,10 @@ class Draws:
     sampled_names: set[str]  # weights of the sampled linears
 
 
-def _draw(family: Family, n: int, rho=RHO, nu=NU, seed: int = 0, static_shapes: bool = False) -> Draws:
+def _draw(family: Family, n: int, rho=RHO, nu=NU, seed: int = 0, static_shapes: bool = False,
+          checkpoint: bool = False) -> Draws:
     model = family.model
-    wrapped = wrap(model, family.block_type, torch.Generator().manual_seed(seed))
+    wrapped = wrap(model, family.block_type, torch.Generator().manual_seed(seed), checkpoint=checkpoint)
     engine = wrapped.engine
     engine.static_shapes = static_shapes
     named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]

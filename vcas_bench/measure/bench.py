@@ -72,6 +72,10 @@ class Pair:
 
         def run() -> None:
             self.loss(model).backward()
+            if model is self.sampled:
+                # The per-step read a training loop makes (VcasController.count_step): kept fractions,
+                # and the draws SampleW sizes its next GEMMs from.
+                self.wrapped.engine.read_step()
 
         return model, run
 

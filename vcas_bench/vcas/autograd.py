@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from vcas_bench.vcas.rowsets import BlockRows, RowSet, fixed_row_set, row_set
 from vcas_bench.vcas.sampling import (
     bernoulli_keep,
+    fixed_capacity,
     leverage_sample_matmul,
     leverage_variance,
     row_norms,
@@ -46,6 +47,11 @@ from vcas_bench.vcas.sampling import (
 
 __all__ = ["RowEngine", "SampleActivation", "SampledLinearFunction", "LinearSlot", "RowSet", "BlockRows",
            "StepReading", "OtherPath", "nonzero_rows", "row_set"]
+
+
+# Relative slack of SampleW's capacity over the last draw (the batch's share of padding moves between
+# steps); beyond it the draw is thinned, which stays unbiased but adds variance.
+CAPACITY_MARGIN = 0.1
 
 
 @dataclass
@@ -61,6 +67,11 @@ class LinearSlot:
     # (``probe_grad``) instead of all of it; the full gradient handed to autograd is then a zero view.
     probe_rows: torch.Tensor | None = None
     probe_grad: torch.Tensor | None = None
+    # SampleW's GEMM capacity follows the last read draw (rows drawn / rows offered, at ``drawn_nu``):
+    # sized from ``nu`` alone it would pay for rows whose score is zero (padding tokens).
+    drawn_fraction: float | None = None
+    drawn_nu: float = 1.0
+    offered: int = 0  # rows offered to SampleW in the backward not read back yet (0: none)
 
 
 @dataclass
@@ -83,6 +94,9 @@ class RowEngine:
             backward reads nothing back from the device (docs/method.md §15).
         record_norms: keep each block's per-row output-gradient norms (variance phase, exact pass).
         record_weight_variance: add each linear's analytic SampleW variance at its ``nu``.
+        check_leaks: check in every linear that no gradient reached rows its block's SampleA dropped
+            (a full pass over each output gradient). Off on the hot path; the controller turns it on
+            for the variance phase's sampled passes, and a debug run may keep it on.
         reference: run the straightforward backward the fast one must match bit for bit.
         generator: private RNG for every draw (a CPU generator; draws move to the tensors' device).
         step_rows: rows that every block's gradient is confined to for this backward (SB and UB set
@@ -98,13 +112,16 @@ class RowEngine:
     record_norms: bool = False
     record_weight_variance: bool = False
     reference: bool = False  # the straightforward backward (full-size zero fills): tests and benchmarks
+    check_leaks: bool = False
     rho: list[float] = field(default_factory=list)
     norms: list[torch.Tensor | None] = field(default_factory=list)  # per block, last exact pass
     step_rows: RowSet | None = None
     current: list[BlockRows] = field(default_factory=list)  # per block, its latest forward call
     _kept: torch.Tensor | None = None  # per block, SampleA's kept fraction (device), last backward
     _leaks: torch.Tensor | None = None  # per linear: gradient outside its block's rows was seen
+    _drawn: torch.Tensor | None = None  # per linear: rows SampleW drew in the last backward
     _decided: dict[int, RowSet | None] = field(default_factory=dict)  # SampleA -> SampleActivation
+    device_generators: dict[str, torch.Generator] = field(default_factory=dict)  # see generator_for
 
     def __post_init__(self) -> None:
         self.rho = self.rho or [1.0] * self.num_blocks
@@ -124,8 +141,12 @@ class RowEngine:
         if self._kept is None:
             return StepReading([1.0] * self.num_blocks)
         leaks = self._leaks if self._leaks is not None else self._kept.new_zeros(0)
-        values = torch.cat([self._kept.float(), leaks.float().to(self._kept.device)]).tolist()
-        kept, leaked = values[: self.num_blocks], values[self.num_blocks :]
+        drawn = self._drawn if self._drawn is not None else self._kept.new_zeros(0)
+        values = torch.cat([self._kept.float(), leaks.float().to(self._kept.device),
+                            drawn.to(self._kept.device)]).tolist()
+        b, n_leaks = self.num_blocks, leaks.numel()
+        kept, leaked = values[:b], values[b : b + n_leaks]
+        self._note_draws(values[b + n_leaks :])
         bad = [slot.name for slot, flag in zip(self.linears, leaked) if flag]
         if bad:
             self._leaks.zero_()
@@ -135,6 +156,11 @@ class RowEngine:
                 "gradient was dropped. Return the tensor from the block, or set engine.current[...]"
                 ".other_paths / wrap a smaller block_type")
         return StepReading(kept)
+
+    def _note_draws(self, drawn: list[float]) -> None:
+        for slot, count in zip(self.linears, drawn):
+            if slot.offered:
+                slot.drawn_fraction, slot.drawn_nu, slot.offered = count / slot.offered, slot.nu, 0
 
     # -- SampleA -------------------------------------------------------------------------------
     def open_block(self, block: int, mixes_rows: bool) -> BlockRows:
@@ -186,7 +212,7 @@ class RowEngine:
     def _draw_rows(self, grad: torch.Tensor, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
         n = grad.shape[0]
         p = soft_topk(row_norms(grad), n * rho)
-        keep = bernoulli_keep(p, self.generator)
+        keep = bernoulli_keep(p, self.generator_for(grad.device))
         scale = torch.where(keep, 1.0 / p.clamp_min(1e-12), torch.zeros_like(p))
         return grad * scale.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1))), keep
 
@@ -200,7 +226,7 @@ class RowEngine:
             return grad, self.step_rows
         m = min(n, max(1, math.ceil(n * self.rho[block] - 1e-9)))
         p = soft_topk(row_norms(grad), m)
-        index, drawn = systematic_sample(p, m, self.generator)
+        index, drawn = systematic_sample(p, m, self.generator_for(grad.device))
         weight = torch.where(drawn, 1.0 / p[index].clamp_min(1e-12), 0.0)
         scale = torch.zeros_like(p).index_copy_(0, index, weight)
         self._kept_tensor(grad)[block] = drawn.float().sum() / n
@@ -231,7 +257,7 @@ class RowEngine:
         if rows is not None and rows.mask.shape[0] != grad_out.shape[0]:
             # The block reshapes its batch inside (Swin's windows): the block's rows do not index it.
             return None if self.static_shapes else self._own_rows(grad_out)
-        if rows is not None:
+        if rows is not None and self.check_leaks:
             self._note_leak(slot, grad_out, rows.mask)
         return rows
 
@@ -254,7 +280,7 @@ class RowEngine:
         k = slot.nu * grad_rows.shape[0]
         sampled = self.sample_weights and slot.nu < 1
         if sampled and slot.probe_rows is None and not self.record_weight_variance:
-            return leverage_sample_matmul(grad_rows, input_rows, max(k, 1.0), self.generator, input_index)
+            return self._sample_weight(slot, grad_rows, input_rows, max(k, 1.0), input_index)
         # Every other path reads all R input rows: gather them once.
         inputs = input_rows if input_index is None else input_rows.index_select(0, input_index)
         if self.record_weight_variance:
@@ -265,7 +291,49 @@ class RowEngine:
             return torch.zeros((), dtype=grad_rows.dtype, device=grad_rows.device).expand(shape)
         if not sampled:
             return grad_rows.t() @ inputs
-        return leverage_sample_matmul(grad_rows, inputs, max(k, 1.0), self.generator)
+        return self._sample_weight(slot, grad_rows, inputs, max(k, 1.0))
+
+    def _sample_weight(self, slot: LinearSlot, grad_rows: torch.Tensor, inputs: torch.Tensor, k: float,
+                       input_index: torch.Tensor | None = None) -> torch.Tensor:
+        rows = grad_rows.shape[0]
+        if self._drawn is None or self._drawn.device != grad_rows.device:
+            self._drawn = torch.zeros(len(self.linears), device=grad_rows.device)
+        capacity = self.weight_capacity(slot, k, rows)
+        slot.offered = rows
+        return leverage_sample_matmul(grad_rows, inputs, k, self.generator_for(grad_rows.device), input_index,
+                                      capacity=capacity, drawn=self._drawn[slot.index])
+
+    def weight_capacity(self, slot: LinearSlot, k: float, rows: int) -> int:
+        """Rows of ``slot``'s SampleW GEMM for ``rows`` offered at an expected ``k``: the last read draw's
+        fraction of the offered rows (rescaled to the current ``nu``) plus a margin, at most
+        :func:`fixed_capacity` of ``k``. Any capacity is unbiased (overflow is thinned); this one does
+        not pay for rows with a zero score, whose share ``k`` cannot see without a host read."""
+        capacity = fixed_capacity(k, rows)
+        if slot.drawn_fraction is None:
+            return capacity
+        expected = slot.drawn_fraction * rows * slot.nu / max(slot.drawn_nu, 1e-12)
+        margin = CAPACITY_MARGIN * expected + 3 * math.sqrt(expected) + 3
+        return min(capacity, math.ceil(expected + margin))
+
+    def generator_for(self, device: torch.device) -> torch.Generator:
+        """The generator SampleA and SampleW draw from for tensors on ``device``: the private CPU one, or
+        (on a GPU) a generator on that device seeded once from it, so that draws need no pinned copy.
+        Its state travels with :meth:`generator_states`."""
+        if device.type == "cpu" or device.type == self.generator.device.type:
+            return self.generator
+        key = str(device)
+        if key not in self.device_generators:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+            self.device_generators[key] = torch.Generator(device=device).manual_seed(seed)
+        return self.device_generators[key]
+
+    def generator_states(self) -> dict[str, torch.Tensor]:
+        """The device generators' states (the CPU one is the caller's, saved with it)."""
+        return {key: gen.get_state() for key, gen in self.device_generators.items()}
+
+    def load_generator_states(self, states: dict[str, torch.Tensor]) -> None:
+        for key, state in states.items():
+            self.generator_for(torch.device(key)).set_state(state)
 
 
 def nonzero_rows(grad: torch.Tensor, reference: bool = False) -> torch.Tensor | None:

@@ -44,6 +44,9 @@ class VcasConfig:
     # Adaptive period: doubles (up to F_max_factor * F) while s oscillates, halves on a drift.
     F_max_factor: int | None = None
     static_shapes: bool = False  # fixed rows per block, no host sync in the backward (docs/method.md §15)
+    # Activation checkpointing that re-runs each block on the rows SampleA kept (vcas/checkpoint.py);
+    # None: follow the model's own setting (HF gradient_checkpointing_enable()).
+    checkpoint: bool | None = None
 
     @classmethod
     def plus(cls, **overrides: Any) -> VcasConfig:

@@ -108,7 +108,7 @@ class VcasController:
         estimates; ranks keep their own generators (seed them differently) for independent draws."""
         self.config = config or VcasConfig()
         self.generator = torch.Generator().manual_seed(self.config.seed)
-        self.wrapped: Wrapped = wrap(model, block_type, self.generator)
+        self.wrapped: Wrapped = wrap(model, block_type, self.generator, checkpoint=self.config.checkpoint)
         self.engine = self.wrapped.engine
         self.engine.static_shapes = self.config.static_shapes
         self.last_reading: StepReading | None = None  # the last counted backward's statistics
@@ -285,7 +285,8 @@ class VcasController:
         return {
             "config": asdict(self.config), "s": self.s, "rho": self.rho, "nu": self.nu,
             "steps": self.steps, "phases": self.phases, "cost_units": self.cost_units,
-            "generator": self.generator.get_state(), "history": [asdict(h) for h in self.history],
+            "generator": self.generator.get_state(), "device_generators": self.engine.generator_states(),
+            "history": [asdict(h) for h in self.history],
             "alpha_now": self.alpha_now, "beta_now": self.beta_now, "nu_direction": self.nu_direction,
             "direction": self.direction, "F_now": self.F_now, "next_phase": self.next_phase,
             "last_phase_step": self.last_phase_step,
@@ -298,6 +299,7 @@ class VcasController:
         for slot, nu in zip(self.engine.linears, state["nu"], strict=True):
             slot.nu = nu
         self.generator.set_state(state["generator"])
+        self.engine.load_generator_states(state.get("device_generators", {}))  # absent before they existed
         self.history = [PhaseStats(**h) for h in state["history"]]
         for key in ("alpha_now", "beta_now", "nu_direction", "direction", "F_now", "next_phase"):
             setattr(self, key, state[key])

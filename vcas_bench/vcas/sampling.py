@@ -187,7 +187,7 @@ def leverage_variance(a: torch.Tensor, b: torch.Tensor, k: float) -> torch.Tenso
 
 def leverage_sample_matmul(
     a: torch.Tensor, b: torch.Tensor, k: float, generator: torch.Generator | None = None,
-    b_rows: torch.Tensor | None = None,
+    b_rows: torch.Tensor | None = None, capacity: int | None = None, drawn: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Unbiased estimate of ``a^T b`` from about ``k`` rows drawn by leverage score, with no host sync.
 
@@ -205,22 +205,30 @@ def leverage_sample_matmul(
         generator: the sampler's private generator.
         b_rows: ``(R,)`` indices of ``b``'s rows that pair with ``a``'s, so that only the drawn rows
             are ever copied out of ``b`` (not all ``R`` of them first).
+        capacity: rows of the GEMM (default :func:`fixed_capacity` of ``k``). Any value keeps the
+            estimate unbiased (thinning above); a capacity sized from the previous step's draw does not
+            pay for rows whose score is zero (padding tokens), which ``k`` counts.
+        drawn: a 0-dim tensor that receives the number of rows drawn (on the device: no host read).
 
     Returns:
         ``(m, n)`` estimate, ``sum over kept rows of a_i^T b_i / q_i``.
     """
     if k >= a.shape[0]:
+        if drawn is not None:
+            drawn.fill_(a.shape[0])
         return a.t() @ (b if b_rows is None else b.index_select(0, b_rows))
     b_norms = row_norms(b) if b_rows is None else row_norms(b)[b_rows]
     q = soft_topk(row_norms(a) * b_norms, k)
     u = uniforms(q.shape, generator, q.device)  # the draws of bernoulli_keep(q, generator)
-    idx, scale = _kept_rows_fixed(u, q, fixed_capacity(k, a.shape[0]))
+    cap = fixed_capacity(k, a.shape[0]) if capacity is None else max(1, min(capacity, a.shape[0]))
+    idx, scale = _kept_rows_fixed(u, q, cap, drawn)
     # One copy of each side, scaled in place.
     scaled = a.index_select(0, idx).mul_(scale.to(a.dtype).unsqueeze(1))
     return scaled.t() @ b.index_select(0, idx if b_rows is None else b_rows[idx])
 
 
-def _kept_rows_fixed(u: torch.Tensor, q: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _kept_rows_fixed(u: torch.Tensor, q: torch.Tensor, capacity: int, drawn: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows kept where ``u < q``: ``capacity`` sorted row indices holding them (a uniform random subset
     of them if there are more), and each one's weight: ``1/q`` times ``max(1, kept / capacity)``, 0
     for fillers. Given that row ``i`` is kept, ``u_i / q_i`` is uniform on [0, 1) and independent of
@@ -228,6 +236,9 @@ def _kept_rows_fixed(u: torch.Tensor, q: torch.Tensor, capacity: int) -> tuple[t
     keep = u < q
     priority = torch.where(keep, u / q.clamp_min(1e-30), 2.0)
     idx = torch.topk(priority, capacity, largest=False, sorted=False).indices.sort().values
-    thinning = (keep.sum() / capacity).clamp_min(1.0)
+    count = keep.sum()
+    if drawn is not None:
+        drawn.copy_(count)
+    thinning = (count / capacity).clamp_min(1.0)
     weight = torch.where(keep[idx], thinning / q[idx].clamp_min(1e-30), 0.0)
     return idx, weight

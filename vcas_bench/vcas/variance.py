@@ -158,6 +158,7 @@ class VarianceEstimator:
         saved = (engine.sample_activations, engine.sample_weights)
         engine.sample_activations, engine.sample_weights = not exact, False
         engine.record_norms, engine.record_weight_variance = exact, not exact
+        engine.check_leaks = not exact  # once per phase, off the training steps' hot path
         retain = retain or (exact and self.config.reuse_forward)
         if probe_linears:
             for slot, rows in zip(engine.linears, probes):
@@ -168,7 +169,7 @@ class VarianceEstimator:
             probed = [slot.probe_grad for slot in engine.linears] if probe_linears else []
         finally:
             engine.sample_activations, engine.sample_weights = saved
-            engine.record_norms = engine.record_weight_variance = False
+            engine.record_norms = engine.record_weight_variance = engine.check_leaks = False
             for slot in engine.linears:
                 slot.probe_rows = slot.probe_grad = None
         if fold:

@@ -38,6 +38,7 @@ from vcas_bench.vcas.autograd import (
     SampleActivation,
     SampledLinearFunction,
 )
+from vcas_bench.vcas.checkpoint import checkpoint_block, restore_block, uses_hf_checkpointing
 from vcas_bench.vcas.rowsets import BlockRows
 
 __all__ = ["SampledLinear", "Wrapped", "wrap", "unwrap", "find_blocks", "auto_block_type"]
@@ -75,6 +76,7 @@ class Wrapped:
     hooks: list = field(default_factory=list)
     block_type: str = ""
     exact_linear_like: list[str] = field(default_factory=list)  # linear-like layers in blocks left exact
+    checkpointed: bool = False  # blocks re-run on their kept rows in the backward (checkpoint.py)
 
     @property
     def linear_weights(self) -> list[torch.Tensor]:
@@ -195,16 +197,22 @@ def _switch(module: nn.Module, engine: RowEngine, slot: LinearSlot) -> None:
     module._vcas_engine, module._vcas_slot = engine, slot
 
 
-def wrap(model: nn.Module, block_type: type | str = "auto", generator: torch.Generator | None = None
-         ) -> Wrapped:
+def wrap(model: nn.Module, block_type: type | str = "auto", generator: torch.Generator | None = None,
+         checkpoint: bool | None = None) -> Wrapped:
     """Insert SampleA at each block output and SampleW into each ``nn.Linear`` / HF ``Conv1D`` inside the
-    blocks; warn about linear-like layers that stay exact."""
+    blocks; warn about linear-like layers that stay exact.
+
+    ``checkpoint``: re-run each block's forward in its backward on the rows its SampleA kept only
+    (:mod:`vcas_bench.vcas.checkpoint`); ``None`` follows the model's own setting (HF
+    ``gradient_checkpointing_enable()``), which VCAS then replaces with this one."""
     if any(hasattr(m, "_vcas_slot") for m in model.modules()):
         raise ValueError("model is already wrapped; unwrap it first")
     blocks = find_blocks(model, block_type)
     engine = RowEngine(num_blocks=len(blocks), generator=generator or torch.Generator())
+    if checkpoint is None:
+        checkpoint = uses_hf_checkpointing([b for _, b in blocks])
     wrapped = Wrapped(model=model, engine=engine, block_names=[n for n, _ in blocks], linear_modules=[],
-                      block_type=type(blocks[0][1]).__name__)
+                      block_type=type(blocks[0][1]).__name__, checkpointed=checkpoint)
     for index, (block_name, block) in enumerate(blocks):
         mixers = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         wrapped.hooks.append(block.register_forward_pre_hook(_block_input_hook(engine, index, mixers)))
@@ -220,6 +228,8 @@ def wrap(model: nn.Module, block_type: type | str = "auto", generator: torch.Gen
                 wrapped.linear_modules.append(module)
             elif _is_linear_like(module):
                 wrapped.exact_linear_like.append(full_name)
+        if checkpoint:
+            checkpoint_block(block, block_name, engine, index)
     if wrapped.exact_linear_like:
         names = wrapped.exact_linear_like
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
@@ -232,6 +242,8 @@ def unwrap(wrapped: Wrapped) -> nn.Module:
     """Remove the hooks and restore plain ``nn.Linear`` / ``Conv1D`` modules; returns the model."""
     for handle in wrapped.hooks:
         handle.remove()
+    for name in wrapped.block_names:
+        restore_block(wrapped.model.get_submodule(name))
     for module in wrapped.linear_modules:
         if is_hf_conv1d(module):
             del module.forward
