@@ -84,6 +84,8 @@ class TrainerConfig:
     accumulate: int = 1  # micro-batches of task.batch_size per optimizer step (effective batch x accumulate)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast forward; fp16 adds a GradScaler)
     compile: bool = False  # torch.compile the model's forward (the sampled backward runs as it is)
+    # Activation checkpointing of the blocks: plain for exact, re-run on the kept rows for VCAS/SB/UB.
+    gradient_checkpointing: bool = False
     checkpoint_every: int = 0  # optimizer steps between checkpoints in <run dir>/checkpoints (0: none)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     resume: str | None = None  # null | auto (latest in this output dir) | a checkpoint file or output dir
@@ -211,6 +213,7 @@ SETTING_RULES: dict[str, Rule] = {
     "trainer.accumulate": integer(1),
     "trainer.precision": choice("fp32", "bf16", "fp16"),
     "trainer.compile": flag(),
+    "trainer.gradient_checkpointing": flag(),
     "trainer.checkpoint_every": integer(0),
     "trainer.keep_checkpoints": integer(1),
     "trainer.stop_after": integer(1, null="run to the end"),

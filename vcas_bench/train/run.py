@@ -38,6 +38,7 @@ from vcas_bench.train.data import EpochPlanner, build_extra_stream, build_train_
 from vcas_bench.train.distributed import Dist, close_distributed, init_distributed
 from vcas_bench.train.glue_eval import glue_eval
 from vcas_bench.train.guard import OutputLock, StopSignals, write_status
+from vcas_bench.vcas import checkpoint_blocks
 from vcas_bench.train.loggers import open_logger
 from vcas_bench.train.loop import LoopOptions, train
 from vcas_bench.train.monitor import MonitorSettings, VarianceMonitor, monitor_summary
@@ -286,6 +287,8 @@ def _create_sampler(cfg: DictConfig, spec: SamplerSpec, model, block_type: str, 
     reduce_fn = dist.mean_tensor if dist.world > 1 else None
     sampler = SAMPLERS.create(spec.name, settings=spec.settings, seed=cfg.seed + dist.rank,
                               reduce_fn=reduce_fn)
+    if cfg.trainer.gradient_checkpointing:
+        checkpoint_blocks(model, block_type)  # a sampler that wraps the blocks makes it row-compact
     sampler.attach(model, block_type, total_steps)
     return sampler
 

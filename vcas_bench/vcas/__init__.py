@@ -26,12 +26,22 @@ from vcas_bench.vcas.sampling import (
     row_norms,
     soft_topk,
 )
-from vcas_bench.vcas.wrap import SampledLinear, Wrapped, auto_block_type, find_blocks, unwrap, wrap
+from vcas_bench.vcas.checkpoint import CheckpointError
+from vcas_bench.vcas.wrap import (
+    SampledLinear,
+    Wrapped,
+    auto_block_type,
+    checkpoint_blocks,
+    find_blocks,
+    unwrap,
+    wrap,
+)
 
 __all__ = [
     "VcasConfig", "default_update_period", "VcasController", "PhaseStats", "VcasSummary", "RowEngine",
     "LinearSlot", "SampledLinear",
-    "Wrapped", "wrap", "unwrap", "find_blocks", "auto_block_type", "soft_topk", "bernoulli_keep", "row_norms",
+    "Wrapped", "wrap", "unwrap", "find_blocks", "auto_block_type", "checkpoint_blocks", "CheckpointError",
+    "soft_topk", "bernoulli_keep", "row_norms",
     "find_top_sum",
     "monotone_envelope", "leverage_variance", "leverage_sample_matmul", "step_cost_ratio",
     "phase_cost_ratio", "interval_cost_ratio", "keep_ratio_cost",

@@ -89,7 +89,7 @@ class _RowReplay(TorchDispatchMode):
         kept = self.rows.numel()
         if shape[0] % kept:
             raise CheckpointError(f"VCAS checkpointing: a random draw of shape {tuple(shape)} in "
-                                  f"{self.block} is not batch-major ({kept} kept rows); it cannot be replayed on them")
+                                  f"{self.block} is not batch-major ({kept} kept rows); it cannot be replayed")
         per_row = shape[0] // kept
         full = torch.empty((self.n * per_row, *shape[1:]), dtype=dtype, device=device).bernoulli_(p)
         return full.view(self.n, -1).index_select(0, self.rows).view(shape)
@@ -170,14 +170,16 @@ class _RowCheckpoint(torch.autograd.Function):
         (hidden,) = ctx.saved_tensors
         rows = _kept_rows(call, grad)
         index = None if rows is None else rows.rows
-        x = hidden.detach() if index is None else hidden.detach().index_select(0, index)
-        x.requires_grad_(ctx.needs_input_grad[1])
+        # A non-leaf input: module trackers (FlopCounterMode's) hook the inputs of the re-run's modules,
+        # which autograd.grad refuses on leaves.
         g = grad if index is None else grad.index_select(0, index)
         engine, block = call.engine, call.index
         outer = engine.current[block]
         engine.current[block] = BlockRows(decided=True)  # the re-run's rows are all kept: no skipping inside
         try:
             with torch.enable_grad(), _restored_rng(call.rng, hidden.device):
+                source = hidden.detach().requires_grad_(ctx.needs_input_grad[1])
+                x = source.view_as(source) if index is None else source.index_select(0, index)
                 out = call.run(x, index)
             out = out if isinstance(out, torch.Tensor) else out[0]
             inputs = ([x] if x.requires_grad else []) + call.params
@@ -257,10 +259,12 @@ def checkpoint_block(block: nn.Module, name: str, engine: RowEngine, index: int)
         raise CheckpointError(f"VCAS checkpointing re-runs {name} on the kept rows only, but its "
                               f"BatchNorm ({mixers[0]}) mixes rows in train mode; turn checkpointing off")
     own = getattr(block, "gradient_checkpointing", None)
-    if own:  # HF's own per-layer checkpointing would re-run the re-run
+    if own:  # the model's own checkpointing (HF's, or checkpoint_blocks') would re-run the re-run
         block._vcas_hf_checkpointing = own
         block.gradient_checkpointing = False
-    forward = block.forward
+    previous = vars(block).get("forward")  # checkpoint_blocks' torch.utils.checkpoint around forward
+    block._vcas_previous_forward = previous
+    forward = previous.args[0] if isinstance(previous, functools.partial) and previous.args else block.forward
     block.forward = functools.partial(_checkpointed_forward, block, name, forward, engine, index)
     block._vcas_checkpointed = True
 
@@ -270,6 +274,9 @@ def restore_block(block: nn.Module) -> None:
     if not getattr(block, "_vcas_checkpointed", False):
         return
     del block.forward, block._vcas_checkpointed
+    if block._vcas_previous_forward is not None:
+        block.forward = block._vcas_previous_forward
+    del block._vcas_previous_forward
     if hasattr(block, "_vcas_hf_checkpointing"):
         block.gradient_checkpointing = block._vcas_hf_checkpointing
         del block._vcas_hf_checkpointing

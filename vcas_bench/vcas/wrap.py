@@ -23,6 +23,7 @@ exactly zero only where skipping changes nothing (see ``README.md``, "CNNs and B
 
 from __future__ import annotations
 
+import functools
 import types
 import warnings
 from collections import Counter
@@ -41,7 +42,7 @@ from vcas_bench.vcas.autograd import (
 from vcas_bench.vcas.checkpoint import checkpoint_block, restore_block, uses_hf_checkpointing
 from vcas_bench.vcas.rowsets import BlockRows
 
-__all__ = ["SampledLinear", "Wrapped", "wrap", "unwrap", "find_blocks", "auto_block_type"]
+__all__ = ["SampledLinear", "Wrapped", "wrap", "unwrap", "find_blocks", "auto_block_type", "checkpoint_blocks"]
 
 
 class SampledLinear(nn.Linear):
@@ -236,6 +237,22 @@ def wrap(model: nn.Module, block_type: type | str = "auto", generator: torch.Gen
         warnings.warn(f"VCAS leaves {len(names)} linear-like layer(s) inside the blocks exact (no SampleW): "
                       f"{shown}", stacklevel=2)
     return wrapped
+
+
+def checkpoint_blocks(model: nn.Module, block_type: type | str = "auto") -> None:
+    """Plain activation checkpointing of every block (the exact baseline's): HF's own
+    ``gradient_checkpointing_enable`` where the model has it, else ``torch.utils.checkpoint`` around each
+    block's forward. A later :func:`wrap` follows it with its row-compact checkpointing."""
+    if getattr(model, "supports_gradient_checkpointing", False):
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 (the old name warns)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        return
+    for _, block in find_blocks(model, block_type):
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+        block.gradient_checkpointing = True
 
 
 def unwrap(wrapped: Wrapped) -> nn.Module:
