@@ -332,7 +332,7 @@ def _rows_without_rescaling(self, grad: torch.Tensor, rho: float):
     return grad * keep.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1))), keep
 
 
-def _leverage_without_rescaling(a, b, k, generator=None, b_rows=None):
+def _leverage_without_rescaling(a, b, k, generator=None, b_rows=None, capacity=None, drawn=None):
     b = b if b_rows is None else b.index_select(0, b_rows)
     if k >= a.shape[0]:
         return a.t() @ b

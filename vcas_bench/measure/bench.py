@@ -7,7 +7,10 @@ every block at ``rho`` and every sampled linear at ``nu`` (fixed: no controller)
 - ``exact``: the plain model;
 - ``reference``: the wrapped model, straightforward backward (``RowEngine.reference``);
 - ``sampled``: the wrapped model, the default backward (Bernoulli rows, one host read per block);
-- ``static``: the wrapped model with ``static_shapes`` (a fixed number of rows, no host read).
+- ``static``: the wrapped model with ``static_shapes`` (a fixed number of rows, no host read);
+- ``exact-ckpt``: the plain model with activation checkpointing of its blocks (``checkpoint_blocks``);
+- ``checkpointed``: a wrapped copy whose blocks re-run on the rows SampleA kept (``vcas/checkpoint.py``),
+  compared with ``exact-ckpt`` as well as with ``exact``.
 
 Steps of the variants alternate (the order flips every repeat), warm-up steps are not timed, every
 clock read waits for the device (``timers.time_call``), and the medians of the repeats are reported.
@@ -30,12 +33,13 @@ from vcas_bench.measure.bench_cases import BATCH, Case
 from vcas_bench.measure.memory import peak_memory_bytes
 from vcas_bench.measure.syncs import SyncCounter
 from vcas_bench.measure.timers import time_call
-from vcas_bench.vcas import VcasConfig, VcasController, wrap
+from vcas_bench.vcas import VcasConfig, VcasController, checkpoint_blocks, wrap
 
 __all__ = ["VARIANTS", "Pair", "measure", "forward_share", "phase_overhead", "profile_step", "host_syncs",
            "graph_breaks", "machine"]
 
-VARIANTS = ("exact", "reference", "sampled", "static")
+VARIANTS = ("exact", "reference", "sampled", "static", "exact-ckpt", "checkpointed")
+CHECKPOINTED = {"exact-ckpt", "checkpointed"}
 
 
 def flops_of(fn: Callable[[], object]) -> float:
@@ -52,30 +56,39 @@ class Pair:
         self.exact = case.model.to(device).train()
         self.sampled = copy.deepcopy(self.exact)
         self.wrapped = wrap(self.sampled, case.block_type, torch.Generator().manual_seed(seed))
+        self.exact_ckpt = copy.deepcopy(self.exact)
+        checkpoint_blocks(self.exact_ckpt, case.block_type)
+        self.checkpointed = copy.deepcopy(self.exact)
+        checkpoint_blocks(self.checkpointed, case.block_type)
+        self.wrapped_ckpt = wrap(self.checkpointed, case.block_type, torch.Generator().manual_seed(seed))
         self.batch = {k: v.to(device) for k, v in case.batch.items()}
         self.labels = torch.arange(BATCH, device=device) % case.num_labels
-        self.optimizers = {m: torch.optim.Adam(m.parameters(), lr=1e-9) for m in (self.exact, self.sampled)}
+        self.models = {"exact": self.exact, "exact-ckpt": self.exact_ckpt, "checkpointed": self.checkpointed}
+        self.optimizers = {m: torch.optim.Adam(m.parameters(), lr=1e-9)
+                           for m in (self.exact, self.sampled, self.exact_ckpt, self.checkpointed)}
 
     def set_ratios(self, rho: float, nu: float) -> None:
-        self.wrapped.engine.rho = [rho] * self.wrapped.engine.num_blocks
-        for slot in self.wrapped.engine.linears:
-            slot.nu = nu
+        for wrapped in (self.wrapped, self.wrapped_ckpt):
+            wrapped.engine.rho = [rho] * wrapped.engine.num_blocks
+            for slot in wrapped.engine.linears:
+                slot.nu = nu
 
     def loss(self, model: nn.Module) -> torch.Tensor:
         return F.cross_entropy(self.case.logits(model, self.batch), self.labels)
 
     def step(self, variant: str) -> tuple[nn.Module, Callable[[], None]]:
         """The model of ``variant`` and its forward+backward."""
-        model = self.exact if variant == "exact" else self.sampled
+        model = self.models.get(variant, self.sampled)
         self.wrapped.engine.reference = variant == "reference"
         self.wrapped.engine.static_shapes = variant == "static"
+        engine = {self.sampled: self.wrapped.engine, self.checkpointed: self.wrapped_ckpt.engine}.get(model)
 
         def run() -> None:
             self.loss(model).backward()
-            if model is self.sampled:
+            if engine is not None:
                 # The per-step read a training loop makes (VcasController.count_step): kept fractions,
                 # and the draws SampleW sizes its next GEMMs from.
-                self.wrapped.engine.read_step()
+                engine.read_step()
 
         return model, run
 
@@ -87,7 +100,7 @@ class Pair:
         return run
 
     def zero_grad(self) -> None:
-        for model in (self.exact, self.sampled):
+        for model in self.optimizers:
             model.zero_grad(set_to_none=True)
 
 
@@ -123,7 +136,17 @@ def measure(pair: Pair, rho: float, nu: float, repeats: int, warmup: int, flop_d
             "conversion_opt": time_down_opt / flops_down if flops_down > 0 else None,
             "peak_memory": memory[variant], "peak_memory_ratio": memory[variant] / memory["exact"],
         }
+    if "exact-ckpt" in variants and "checkpointed" in variants:
+        row["checkpointed"]["vs_exact_ckpt"] = _against(flops, med, memory, "checkpointed", "exact-ckpt")
     return row
+
+
+def _against(flops: dict, med: dict, memory: dict, variant: str, base: str) -> dict:
+    """``variant`` measured against ``base`` instead of the plain exact step."""
+    flops_down, time_down = 1 - flops[variant] / flops[base], 1 - med[variant] / med[base]
+    return {"flops_down": flops_down, "time_down": time_down,
+            "conversion": time_down / flops_down if flops_down > 0 else None,
+            "peak_memory_ratio": memory[variant] / memory[base]}
 
 
 def forward_share(pair: Pair, repeats: int, warmup: int) -> dict:

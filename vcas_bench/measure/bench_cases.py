@@ -9,6 +9,10 @@ logits. Names:
 - ``bert-base-width-<seq>``: a 2-layer BERT-base-width stack (hidden 768, 12 heads, MLP 3072), random
   init and ids, full mask; ``-nodropout`` turns dropout off (its random draws cost time, not FLOPs);
 - ``vit-tiny``: the tiny ViT on random 32x32 images;
+- ``tiny-width-<seq>``: a 2-layer BERT of hidden 64 (2 heads, MLP 256), full mask, dropout off: where
+  the sampled step's fixed per-linear cost shows;
+- ``llama-<seq>``: a 2-layer Llama-style decoder (hidden 512, 8 heads, 4 KV heads, SwiGLU MLP 1376,
+  RMSNorm, rotary), sequence classification on random ids;
 - ``tiny-bert-<seq>``: a 2-layer, 32-wide BERT for smoke tests (seconds).
 """
 
@@ -54,6 +58,14 @@ def _bert(layers: int, hidden: int, heads: int, mlp: int, dropout: float | None)
     return BertForSequenceClassification(config)
 
 
+def _llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=4, num_labels=2, pad_token_id=0)
+    return LlamaForSequenceClassification(config)
+
+
 def _review_batch(tokenizer, seq: int) -> dict[str, torch.Tensor]:
     """The first ``BATCH`` rt-polarity reviews, tokenised and padded to ``seq``."""
     from vcas_bench.tasks.rt_polarity import load_frame
@@ -83,6 +95,12 @@ def build_case(name: str, generator: torch.Generator) -> Case:
         model = _bert(2, 768, 12, 3072, 0.0 if name.endswith("-nodropout") else None)
         batch = _text_batch(30522, _seq(name), generator)
         return Case(name, model, "BertLayer", batch, _text_logits, _seq(name))
+    if name.startswith("tiny-width-"):
+        model = _bert(2, 64, 2, 256, 0.0)
+        return Case(name, model, "BertLayer", _text_batch(30522, _seq(name), generator), _text_logits, _seq(name))
+    if name.startswith("llama-"):
+        return Case(name, _llama(), "LlamaDecoderLayer", _text_batch(32000, _seq(name), generator), _text_logits,
+                    _seq(name))
     if name.startswith("tiny-bert-"):
         model = _bert(2, 32, 2, 64, None)
         return Case(name, model, "BertLayer", _text_batch(30522, _seq(name), generator, low=0), _text_logits,

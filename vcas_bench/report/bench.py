@@ -23,19 +23,39 @@ def steps_markdown(rows: list[dict]) -> str:
              "| model | seq | ρ | ν | variant | t exact (s) | t sampled (s) | FLOPs↓ | Time↓ | conversion "
              "| conversion +opt | peak mem ratio |", "|" + "---|" * 12]
     for r in rows:
-        for variant, v in ((k, r[k]) for k in ("reference", "sampled", "static") if k in r):
+        for variant, v in ((k, r[k]) for k in SAMPLED_VARIANTS if k in r):
             lines.append(
                 f"| {r['model']} | {r['seq'] or '–'} | {r['rho']} | {r['nu']} | {variant} "
                 f"| {r['t_exact_s']:.3f} | {v['t_s']:.3f} | {v['flops_down']:.1%} | {v['time_down']:.1%} "
                 f"| {_conv(v['conversion'])} "
                 f"| {_conv(v['conversion_opt'])} | {v['peak_memory_ratio']:.3f} |")
+    return "\n".join(lines) + "\n" + checkpointed_markdown(rows)
+
+
+SAMPLED_VARIANTS = ("reference", "sampled", "static", "exact-ckpt", "checkpointed")
+
+
+def checkpointed_markdown(rows: list[dict]) -> str:
+    """The row-compact checkpointed step against the exact step with plain checkpointing."""
+    rows = [r for r in rows if "vs_exact_ckpt" in r.get("checkpointed", {})]
+    if not rows:
+        return ""
+    lines = ["", "Checkpointed: VCAS re-running each block on its kept rows against exact with plain",
+             "checkpointing of the same blocks (both one forward more than the plain step).", "",
+             "| model | seq | ρ | ν | t exact-ckpt (s) | t checkpointed (s) | FLOPs↓ | Time↓ | conversion "
+             "| peak mem ratio |", "|" + "---|" * 10]
+    for r in rows:
+        v = r["checkpointed"]["vs_exact_ckpt"]
+        lines.append(f"| {r['model']} | {r['seq'] or '–'} | {r['rho']} | {r['nu']} | {r['exact-ckpt']['t_s']:.3f} "
+                     f"| {r['checkpointed']['t_s']:.3f} | {v['flops_down']:.1%} | {v['time_down']:.1%} "
+                     f"| {_conv(v['conversion'])} | {v['peak_memory_ratio']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
 def syncs_markdown(rows: list[dict]) -> str:
     if not rows:
         return ""
-    variants = [v for v in ("exact", "reference", "sampled", "static") if v in rows[0]]
+    variants = [v for v in ("exact", *SAMPLED_VARIANTS) if v in rows[0]]
     lines = ["", "Host syncs of one forward+backward (`measure/syncs.py`): in the backward / in the whole",
              "step (the forward's are the model's own).", "",
              "| model | blocks | " + " | ".join(variants) + " |", "|" + "---|" * (len(variants) + 2)]

@@ -286,6 +286,7 @@ class VcasController:
             "config": asdict(self.config), "s": self.s, "rho": self.rho, "nu": self.nu,
             "steps": self.steps, "phases": self.phases, "cost_units": self.cost_units,
             "generator": self.generator.get_state(), "device_generators": self.engine.generator_states(),
+            "draws": [(slot.drawn_fraction, slot.drawn_nu) for slot in self.engine.linears],
             "history": [asdict(h) for h in self.history],
             "alpha_now": self.alpha_now, "beta_now": self.beta_now, "nu_direction": self.nu_direction,
             "direction": self.direction, "F_now": self.F_now, "next_phase": self.next_phase,
@@ -300,6 +301,8 @@ class VcasController:
             slot.nu = nu
         self.generator.set_state(state["generator"])
         self.engine.load_generator_states(state.get("device_generators", {}))  # absent before they existed
+        for slot, (fraction, nu) in zip(self.engine.linears, state.get("draws", []), strict=False):
+            slot.drawn_fraction, slot.drawn_nu = fraction, nu  # SampleW's capacities (bit-exact resume)
         self.history = [PhaseStats(**h) for h in state["history"]]
         for key in ("alpha_now", "beta_now", "nu_direction", "direction", "F_now", "next_phase"):
             setattr(self, key, state[key])
