@@ -20,8 +20,8 @@ from vcas_bench.measure import bench
 from vcas_bench.measure.bench_cases import build_case
 from vcas_bench.report.bench import bench_markdown, whole_runs
 
-CASES = ("bert-base-width-128-nodropout,bert-base-width-128,minilm-text-64,minilm-text-128,tiny-width-128,llama-128,"
-         "vit-tiny")
+CASES = ("bert-base-width-128-nodropout,bert-base-width-128,minilm-text-64,minilm-text-128,tiny-width-128,"
+         "llama-128")
 GRID = "0.5:0.5,0.25:0.25"  # the two cases; e.g. 0.5:1.0 isolates SampleA
 
 

@@ -42,3 +42,38 @@ def test_sampled_matmul_scales_in_place_like_the_formula():
     idx = bernoulli_keep(q, torch.Generator().manual_seed(5)).nonzero().squeeze(1)
     expected = (a[idx] / q[idx].unsqueeze(1)).t() @ b[idx]
     torch.testing.assert_close(got, expected)
+
+
+def test_sampled_weight_gemms_are_sized_from_the_last_draw_not_from_padding():
+    """Padded text (3/4 of the tokens are padding, whose gradient rows are exactly zero): sized from
+    ``nu`` alone, SampleW's GEMM would hold ``nu`` of all token rows, padding included. After the step's
+    read, the next GEMM holds the last draw plus its margin (10% + 3 sd + 3), never fewer than it needs
+    on average, and a checkpoint carries those sizes (resume is bit-exact)."""
+    from vcas_bench.vcas import VcasConfig, VcasController
+    from vcas_bench.vcas.autograd import CAPACITY_MARGIN
+    from vcas_bench.vcas.sampling import fixed_capacity
+
+    model = tiny_bert(layers=2)
+    controller = VcasController(model, "BertLayer", VcasConfig(F=10))
+    for slot in controller.engine.linears:
+        slot.nu = 0.5
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 100, (16, 32), generator=g)
+    mask = torch.zeros(16, 32, dtype=torch.long)
+    mask[:, :8] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (16,), generator=g)}
+    sizes = []
+    for _ in range(3):
+        model(**batch).loss.backward()
+        controller.count_step()
+        sizes.append([(slot.capacity, slot.drawn, slot.offered) for slot in controller.engine.linears])
+    for (cap0, _, _), (_, drawn1, _), (cap, drawn, _) in zip(*sizes):
+        assert cap0 == fixed_capacity(0.5 * 16 * 32, 16 * 32)  # nothing read yet: sized from nu
+        assert drawn <= 8 * 16  # only the real tokens carry gradient
+        assert cap < 0.6 * cap0
+        assert cap >= drawn1 * (1 + CAPACITY_MARGIN)  # the margin over the previous draw
+    state = controller.state_dict()
+    twin = VcasController(tiny_bert(layers=2), "BertLayer", VcasConfig(F=10))
+    twin.load_state_dict(state)
+    assert [s.drawn_fraction for s in twin.engine.linears] == [
+        s.drawn_fraction for s in controller.engine.linears]

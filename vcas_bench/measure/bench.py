@@ -136,9 +136,26 @@ def measure(pair: Pair, rho: float, nu: float, repeats: int, warmup: int, flop_d
             "conversion_opt": time_down_opt / flops_down if flops_down > 0 else None,
             "peak_memory": memory[variant], "peak_memory_ratio": memory[variant] / memory["exact"],
         }
+    if "sampled" in variants:
+        row["sampled"].update(samplew_padding(pair, flops["sampled"]))
     if "exact-ckpt" in variants and "checkpointed" in variants:
         row["checkpointed"]["vs_exact_ckpt"] = _against(flops, med, memory, "checkpointed", "exact-ckpt")
     return row
+
+
+def samplew_padding(pair: Pair, step_flops: float) -> dict:
+    """FLOPs SampleW's fixed-size GEMMs spent on filler rows in one sampled step, as a share of the
+    step's counted FLOPs: what a sampler computing exactly the drawn rows (one host read per linear)
+    would save. Also how many linears drew more rows than their capacity (thinned)."""
+    pair.step("sampled")[1]()
+    pair.zero_grad()
+    padding, thinned = 0.0, 0
+    for slot, module in zip(pair.wrapped.engine.linears, pair.wrapped.linear_modules):
+        if slot.capacity:
+            padding += 2.0 * max(slot.capacity - slot.drawn, 0) * module.weight.numel()
+            thinned += slot.drawn > slot.capacity
+        slot.capacity = 0
+    return {"samplew_padding_share": padding / step_flops, "samplew_thinned_linears": thinned}
 
 
 def _against(flops: dict, med: dict, memory: dict, variant: str, base: str) -> dict:

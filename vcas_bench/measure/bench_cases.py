@@ -97,10 +97,11 @@ def build_case(name: str, generator: torch.Generator) -> Case:
         return Case(name, model, "BertLayer", batch, _text_logits, _seq(name))
     if name.startswith("tiny-width-"):
         model = _bert(2, 64, 2, 256, 0.0)
-        return Case(name, model, "BertLayer", _text_batch(30522, _seq(name), generator), _text_logits, _seq(name))
+        batch = _text_batch(30522, _seq(name), generator)
+        return Case(name, model, "BertLayer", batch, _text_logits, _seq(name))
     if name.startswith("llama-"):
-        return Case(name, _llama(), "LlamaDecoderLayer", _text_batch(32000, _seq(name), generator), _text_logits,
-                    _seq(name))
+        batch = _text_batch(32000, _seq(name), generator)
+        return Case(name, _llama(), "LlamaDecoderLayer", batch, _text_logits, _seq(name))
     if name.startswith("tiny-bert-"):
         model = _bert(2, 32, 2, 64, None)
         return Case(name, model, "BertLayer", _text_batch(30522, _seq(name), generator, low=0), _text_logits,

@@ -38,7 +38,6 @@ from vcas_bench.train.data import EpochPlanner, build_extra_stream, build_train_
 from vcas_bench.train.distributed import Dist, close_distributed, init_distributed
 from vcas_bench.train.glue_eval import glue_eval
 from vcas_bench.train.guard import OutputLock, StopSignals, write_status
-from vcas_bench.vcas import checkpoint_blocks
 from vcas_bench.train.loggers import open_logger
 from vcas_bench.train.loop import LoopOptions, train
 from vcas_bench.train.monitor import MonitorSettings, VarianceMonitor, monitor_summary
@@ -51,6 +50,7 @@ from vcas_bench.train.resume import (
     run_settings,
 )
 from vcas_bench.train.state import Checkpointer, LoopResult, TrainState, latest_checkpoint, remove_leftovers
+from vcas_bench.vcas import checkpoint_blocks
 from vcas_bench.vcas.config import default_update_period
 
 

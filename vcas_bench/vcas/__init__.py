@@ -14,6 +14,7 @@ beside it. ``vcas_bench.integrations`` drives it from a plain loop, HF ``Trainer
 """
 
 from vcas_bench.vcas.autograd import LinearSlot, RowEngine
+from vcas_bench.vcas.checkpoint import CheckpointError
 from vcas_bench.vcas.config import VcasConfig, default_update_period
 from vcas_bench.vcas.controller import PhaseStats, VcasController, VcasSummary
 from vcas_bench.vcas.flops import interval_cost_ratio, keep_ratio_cost, phase_cost_ratio, step_cost_ratio
@@ -26,7 +27,6 @@ from vcas_bench.vcas.sampling import (
     row_norms,
     soft_topk,
 )
-from vcas_bench.vcas.checkpoint import CheckpointError
 from vcas_bench.vcas.wrap import (
     SampledLinear,
     Wrapped,

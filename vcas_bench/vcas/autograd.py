@@ -72,6 +72,8 @@ class LinearSlot:
     drawn_fraction: float | None = None
     drawn_nu: float = 1.0
     offered: int = 0  # rows offered to SampleW in the backward not read back yet (0: none)
+    capacity: int = 0  # rows of the last SampleW GEMM
+    drawn: int = 0  # rows SampleW drew in the last read backward (the GEMM's useful rows, up to capacity)
 
 
 @dataclass
@@ -161,6 +163,7 @@ class RowEngine:
         for slot, count in zip(self.linears, drawn):
             if slot.offered:
                 slot.drawn_fraction, slot.drawn_nu, slot.offered = count / slot.offered, slot.nu, 0
+                slot.drawn = int(count)
 
     # -- SampleA -------------------------------------------------------------------------------
     def open_block(self, block: int, mixes_rows: bool) -> BlockRows:
@@ -299,7 +302,7 @@ class RowEngine:
         if self._drawn is None or self._drawn.device != grad_rows.device:
             self._drawn = torch.zeros(len(self.linears), device=grad_rows.device)
         capacity = self.weight_capacity(slot, k, rows)
-        slot.offered = rows
+        slot.offered, slot.capacity = rows, capacity
         return leverage_sample_matmul(grad_rows, inputs, k, self.generator_for(grad_rows.device), input_index,
                                       capacity=capacity, drawn=self._drawn[slot.index])
 

@@ -89,7 +89,7 @@ class _RowReplay(TorchDispatchMode):
         kept = self.rows.numel()
         if shape[0] % kept:
             raise CheckpointError(f"VCAS checkpointing: a random draw of shape {tuple(shape)} in "
-                                  f"{self.block} is not batch-major ({kept} kept rows); it cannot be replayed")
+                                  f"{self.block} is not batch-major ({kept} kept rows): no replay")
         per_row = shape[0] // kept
         full = torch.empty((self.n * per_row, *shape[1:]), dtype=dtype, device=device).bernoulli_(p)
         return full.view(self.n, -1).index_select(0, self.rows).view(shape)

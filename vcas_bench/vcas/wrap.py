@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vcas_bench.vcas.autograd import (
     LinearSlot,
@@ -42,7 +43,8 @@ from vcas_bench.vcas.autograd import (
 from vcas_bench.vcas.checkpoint import checkpoint_block, restore_block, uses_hf_checkpointing
 from vcas_bench.vcas.rowsets import BlockRows
 
-__all__ = ["SampledLinear", "Wrapped", "wrap", "unwrap", "find_blocks", "auto_block_type", "checkpoint_blocks"]
+__all__ = ["SampledLinear", "Wrapped", "wrap", "unwrap", "find_blocks", "auto_block_type",
+           "checkpoint_blocks"]
 
 
 class SampledLinear(nn.Linear):
@@ -251,7 +253,7 @@ def checkpoint_blocks(model: nn.Module, block_type: type | str = "auto") -> None
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         return
     for _, block in find_blocks(model, block_type):
-        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
         block.gradient_checkpointing = True
 
 
