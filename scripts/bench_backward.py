@@ -46,6 +46,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="time a variance phase per option against an exact step")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="count torch.compile graph breaks in each variant's forward")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite the .md from the existing .json (whole runs read again)")
     return parser.parse_args(argv)
 
 
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if args.device == "auto" else args.device)
+    if args.render_only:
+        return render(Path(args.out) / f"{args.tag or f'backward-{device.type}'}.json", args.runs)
     record = {"machine": bench.machine(device), "args": vars(args), "rows": [], "syncs": [],
               "graph_breaks": [], "phases": [], "ceilings": [], "profiles": []}
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
@@ -92,6 +96,15 @@ def main(argv: list[str] | None = None) -> dict:
     table = bench_markdown(record)
     (out / f"{stem}.md").write_text(table)
     print(table)
+    return record
+
+
+def render(path: Path, runs: str) -> dict:
+    """The page again from a committed record, with the whole runs read from their folders now."""
+    record = json.loads(path.read_text())
+    record["whole_runs"] = whole_runs([d for d in runs.split(",") if d])
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    path.with_suffix(".md").write_text(bench_markdown(record))
     return record
 
 

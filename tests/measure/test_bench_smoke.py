@@ -43,6 +43,21 @@ def test_bench_runs_one_tiny_case(tmp_path, dtype):
         assert all(isinstance(breaks[v]["graph_breaks"], int) for v in ("exact", "sampled", "static")), breaks
     table = (tmp_path / "smoke.md").read_text()
     assert "tiny-bert-16" in table and "Host syncs" in table
+    ckpt = row["checkpointed"]["vs_exact_ckpt"]
+    assert ckpt["flops_down"] > 0 and row["exact-ckpt"]["flops_down"] < 0  # a re-run costs a forward
+    assert 0 <= row["sampled"]["samplew_padding_share"] < 1
+    assert "Checkpointed" in table and "Targets" in table
+    rendered = _script("bench_backward").main(["--render-only", "--out", str(tmp_path), "--tag", "smoke",
+                                               "--runs", ""])
+    assert rendered["rows"] == saved["rows"] and (tmp_path / "smoke.md").read_text() == table
+
+
+def test_docs_quote_the_committed_bench_targets():
+    """docs/benchmarks.md's targets table is the one the committed CPU record gives (not retyped)."""
+    from vcas_bench.report.bench import targets_markdown
+
+    record = json.loads((ROOT / "results/bench/backward-cpu.json").read_text())
+    assert targets_markdown(record) in (ROOT / "docs/benchmarks.md").read_text()
 
 
 def test_sync_check_counts_every_sampler(tmp_path):

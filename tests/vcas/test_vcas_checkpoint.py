@@ -97,7 +97,7 @@ def _grads(checkpoint: bool, rho: float, nu: float, dropout: float) -> tuple[flo
     with torch.random.fork_rng():
         torch.manual_seed(3)
         # Without checkpointing, the forward draws its dropout masks as the checkpointed forward does.
-        with _RowReplay(N, None, "model") if not checkpoint else _nothing():
+        with _RowReplay(N, None, "model", [], replay=False) if not checkpoint else _nothing():
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         grads = torch.autograd.grad(loss, list(model.parameters()))
     return float(loss.detach()), [gr.detach() for gr in grads]
@@ -171,3 +171,27 @@ def test_refuses_random_ops_it_cannot_replay():
     loss = F.mse_loss(model(torch.randn(16, 8)), torch.zeros(16, 8))
     with pytest.raises(CheckpointError, match="cannot replay"):
         loss.backward()
+
+
+def test_cli_gradient_checkpointing_trains_exact_and_vcas(tmp_path, monkeypatch, capsys):
+    """`vcas-bench trainer.gradient_checkpointing=true` on rt-polarity / bert-tiny (64 rows of 16 tokens,
+    4 steps, F = 2: variance phases and sampled steps): exact runs with HF's checkpointing, vcas-plus
+    with the row-compact one; both finish with finite losses, and VCAS really sampled."""
+    import json
+    import math
+
+    from conftest import run_cli
+
+    out = tmp_path / "run"
+    args = ["sampler=vcas-plus", "task=rt-polarity", "model=bert-tiny", "baselines=[exact]",
+            "trainer.max_steps=4", "trainer.gradient_checkpointing=true", "sampler.F=2", "sampler.tau=0.5",
+            "task.args.train_size=64", "task.args.eval_size=32", "task.args.max_length=16",
+            "task.batch_size=16",
+            "trainer.progress=false", "trainer.device=cpu", "trainer.num_threads=1",
+            f"output_dir={out}", f"hydra.run.dir={out}"]
+    run_cli(args, monkeypatch, capsys)
+    for sampler in ("exact", "vcas-plus"):
+        metrics = json.loads((out / sampler / "metrics.json").read_text())
+        assert metrics["steps"] == 4 and math.isfinite(metrics["final_train_loss"])
+    log = (out / "vcas-plus" / "train_log.csv").read_text().splitlines()
+    assert any(float(row.split(",")[log[0].split(",").index("keep_ratio")]) < 1 for row in log[1:])

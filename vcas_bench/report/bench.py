@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["bench_markdown", "whole_runs"]
+__all__ = ["bench_markdown", "whole_runs", "targets", "targets_markdown", "Target"]
 
 
 def _conv(value: float | None) -> str:
@@ -163,9 +164,101 @@ def whole_run_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class Target:
+    """One benchmark target of docs/benchmarks.md: what is measured, the bar, and whether it was met."""
+
+    what: str
+    measured: str
+    met: bool | None  # None: the record has no such case
+
+
+def _row(rows: list[dict], model: str, rho: float) -> dict | None:
+    return next((r for r in rows if r["model"] == model and r["rho"] == rho), None)
+
+
+def _conversion_target(rows: list[dict], model: str, rho: float, bar: float, label: str) -> Target:
+    r = _row(rows, model, rho)
+    if r is None:
+        return Target(f"{label}, ρ = ν = {rho}: conversion ≥ {bar}", "not run", None)
+    conv = r["sampled"]["conversion"]
+    others = ", ".join(f"{v} {_conv(r[v]['conversion'])}" for v in ("static", "reference") if v in r)
+    return Target(f"{label}, ρ = ν = {rho}: conversion ≥ {bar}", f"{_conv(conv)} ({others})",
+                  conv is not None and conv >= bar)
+
+
+def _extreme(rows: list[dict], key, fmt: str, lowest: bool = False) -> tuple[float, str]:
+    """The largest (or lowest) ``key`` over ``rows`` and where it is, formatted."""
+    pick = min if lowest else max
+    value, where = pick((key(r), f"{r['model']} at {r['rho']}") for r in rows)
+    return value, f"{fmt.format(value)} ({where})"
+
+
+BERT_NODROPOUT = "bert-base-width-128-nodropout"
+
+
+def targets(record: dict) -> list[Target]:
+    """The targets of the fast-backward work against this record (docs/benchmarks.md)."""
+    rows = record["rows"]
+    out = [_conversion_target(rows, BERT_NODROPOUT, 0.5, 0.95, "BERT-base width, dropout off"),
+           _conversion_target(rows, BERT_NODROPOUT, 0.25, 0.90, "BERT-base width, dropout off"),
+           _conversion_target(rows, "minilm-text-128", 0.5, 0.60, "MiniLM, real text padded to 128")]
+    timed = [r for r in rows if "reference" in r and "sampled" in r]
+    if timed:
+        ratio, text = _extreme(timed, lambda r: r["sampled"]["t_s"] / r["reference"]["t_s"], "{:.3f}")
+        out.append(Target("default never slower than the reference (t default / t reference ≤ 1)",
+                          f"worst {text}", ratio <= 1.0))
+    padded = [r for r in rows if "samplew_padding_share" in r.get("sampled", {})]
+    if padded:
+        share, text = _extreme(padded, lambda r: r["sampled"]["samplew_padding_share"], "{:.2%}")
+        out.append(Target("counted FLOPs ≤ 2% above computing exactly the drawn rows", f"worst {text}",
+                          share <= 0.02))
+    tiny = [r for r in rows if r["model"].startswith("tiny-width-") and "sampled" in r]
+    if tiny:
+        ratio, text = _extreme(tiny, lambda r: r["sampled"]["t_s"] / r["t_exact_s"], "{:.2f}x")
+        out.append(Target("tiny width (hidden 64, 2 layers): sampled step ≤ 1.2x exact", f"worst {text}",
+                          ratio <= 1.2))
+    out += _checkpoint_targets([r for r in rows if "vs_exact_ckpt" in r.get("checkpointed", {})])
+    arms = [(r, v) for r in rows for v in ("reference", "sampled", "static") if v in r]
+    if arms:
+        mem, where = max((r[v]["peak_memory_ratio"], f"{v}, {r['model']} at {r['rho']}") for r, v in arms)
+        out.append(Target("peak memory of the non-checkpointed arms ≤ 1.05x exact",
+                          f"worst {mem:.3f} ({where})", mem <= 1.05))
+    for w in record.get("whole_runs", []):
+        if w["sampler"] == "vcas-plus" and "demo" in w["run"]:
+            time_down = w["time_down"]
+            out.append(Target("whole run, vcas-plus in the demo setting: Time↓ ≥ 25% against exact",
+                              f"{time_down:.1%} ({w['run']})", time_down is not None and time_down >= 0.25))
+    return out
+
+
+def _checkpoint_targets(rows: list[dict]) -> list[Target]:
+    if not rows:
+        return []
+
+    def against(r: dict) -> dict:
+        return r["checkpointed"]["vs_exact_ckpt"]
+
+    conv, text = _extreme(rows, lambda r: against(r)["conversion"] or 0.0, "{:.2f}", lowest=True)
+    mem, mem_text = _extreme(rows, lambda r: against(r)["peak_memory_ratio"], "{:.3f}")
+    return [Target("checkpointed: conversion ≥ 0.9 against exact-checkpointed", f"lowest {text}",
+                   conv >= 0.9),
+            Target("checkpointed: peak memory ≤ 1.05x exact-checkpointed's", f"worst {mem_text}",
+                   mem <= 1.05)]
+
+
+def targets_markdown(record: dict) -> str:
+    lines = ["| target | measured | met |", "|---|---|---|"]
+    for t in targets(record):
+        met = "–" if t.met is None else ("yes" if t.met else "no")
+        lines.append(f"| {t.what} | {t.measured} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
 def bench_markdown(record: dict) -> str:
     """The whole page from the record ``scripts/bench_backward.py`` writes as JSON."""
-    return (steps_markdown(record["rows"]) + syncs_markdown(record["syncs"])
+    return ("Targets (docs/benchmarks.md):\n\n" + targets_markdown(record) + "\n"
+            + steps_markdown(record["rows"]) + syncs_markdown(record["syncs"])
             + graph_breaks_markdown(record["graph_breaks"]) + phases_markdown(record["phases"])
             + ceiling_markdown(record["ceilings"]) + profile_markdown(record["profiles"])
             + whole_run_markdown(record["whole_runs"]))

@@ -10,11 +10,11 @@ It is unbiased for the same reason the plain sampled backward is: a row-independ
 restricted to the kept rows is exactly the rows' own gradient. Two things make that hold:
 
 - the block must not mix rows. BatchNorm in train mode does; :func:`checkpoint_block` refuses it;
-- the re-run must see the forward's random masks. The forward and the re-run draw every dropout mask of
-  the *full* batch from the same restored RNG state (:class:`_RowReplay`, a dispatch mode), and the re-run
-  keeps the kept rows' part, so each kept row meets the very mask it met in the forward. A random op
-  that cannot be replayed so (dropout fused into an attention kernel on a GPU, ``torch.rand`` inside a
-  block) stops the re-run with a one-line error instead of drawing a new mask.
+- the re-run must see the forward's random masks. The forward draws every dropout mask of the *full*
+  batch and keeps it as a boolean mask (:class:`_RowReplay`, a dispatch mode); the re-run takes the kept
+  rows' part, so each kept row meets the very mask it met in the forward, and nothing is drawn twice.
+  A random op that cannot be replayed so (dropout fused into an attention kernel on a GPU,
+  ``torch.rand`` inside a block) stops the re-run with a one-line error instead of drawing a new mask.
 
 Dimension 0 of the block's input and of every activation inside it is the batch (or, for blocks that
 split images into windows, ``batch x windows``, image-major), as :mod:`vcas_bench.vcas.wrap` assumes.
@@ -53,16 +53,19 @@ class CheckpointError(RuntimeError):
 
 
 class _RowReplay(TorchDispatchMode):
-    """Dropout and Bernoulli draws of a checkpointed block, made over the full batch in a fixed layout.
+    """Dropout and Bernoulli draws of a checkpointed block: drawn in the forward, reused in the re-run.
 
-    In the forward (``rows=None``) every draw is the one of the full batch; in the re-run on ``rows`` (of
-    ``n``) each draw is made for the full batch again, from the same RNG state, and the kept rows' part
-    is used. Both runs use the same contiguous layout, so the masks do not depend on the strides of the
-    tensors they are applied to."""
+    In the forward (``rows=None``) every draw is made over the full batch in a contiguous layout and kept
+    as a boolean mask in ``masks``; the re-run on ``rows`` (of ``n``) takes its rows' part of each mask, in
+    order, and draws nothing. So each kept row meets the very mask it met in the forward, the re-run does
+    not pay for the full batch's draws again (dropout costs time, not FLOPs), and repeated backwards of
+    one forward (the variance phase's) replay the same masks."""
 
-    def __init__(self, n: int, rows: torch.Tensor | None, block: str) -> None:
+    def __init__(self, n: int, rows: torch.Tensor | None, block: str, masks: list[torch.Tensor],
+                 replay: bool) -> None:
         super().__init__()
-        self.n, self.rows, self.block = n, rows, block
+        self.n, self.rows, self.block, self.masks, self.used = n, rows, block, masks, 0
+        self.replay = replay  # the re-run (``rows`` None: all of them), not the forward
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -70,10 +73,9 @@ class _RowReplay(TorchDispatchMode):
             return self._dropout(*args, **kwargs)
         if func is _aten.bernoulli_.float and kwargs.get("generator") is None and len(args) <= 2:
             target = args[0]
-            target.copy_(self._draw(target.shape, target.dtype, target.device,
-                                    args[1] if len(args) > 1 else kwargs.get("p", 0.5)))
-            return target
-        if self.rows is not None:
+            p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+            return target.copy_(self._draw(target.shape, target.dtype, target.device, p))
+        if self.replay:
             self._refuse_unreplayable(func, args, kwargs)
         return func(*args, **kwargs)
 
@@ -84,15 +86,21 @@ class _RowReplay(TorchDispatchMode):
         return x * keep * (1.0 / (1 - p)), keep.bool()
 
     def _draw(self, shape: torch.Size, dtype: torch.dtype, device: torch.device, p: float) -> torch.Tensor:
+        if not self.replay:
+            keep = torch.empty(shape, dtype=dtype, device=device).bernoulli_(p)
+            self.masks.append(keep.bool())
+            return keep
+        if self.used >= len(self.masks):
+            raise CheckpointError(f"VCAS checkpointing: the re-run of {self.block} draws more random masks "
+                                  "than its forward did")
+        full, self.used = self.masks[self.used], self.used + 1
         if self.rows is None:
-            return torch.empty(shape, dtype=dtype, device=device).bernoulli_(p)
+            return full.to(dtype)
         kept = self.rows.numel()
-        if shape[0] % kept:
+        if shape[0] % kept or full.shape[0] != shape[0] // kept * self.n or full.shape[1:] != shape[1:]:
             raise CheckpointError(f"VCAS checkpointing: a random draw of shape {tuple(shape)} in "
                                   f"{self.block} is not batch-major ({kept} kept rows): no replay")
-        per_row = shape[0] // kept
-        full = torch.empty((self.n * per_row, *shape[1:]), dtype=dtype, device=device).bernoulli_(p)
-        return full.view(self.n, -1).index_select(0, self.rows).view(shape)
+        return full.view(self.n, -1).index_select(0, self.rows).view(shape).to(dtype)
 
     def _refuse_unreplayable(self, func, args, kwargs) -> None:
         fused = func.overloadpacket in _FUSED_DROPOUT
@@ -123,11 +131,11 @@ class _Call:
     kwargs: dict
     params: list[torch.Tensor]
     training: bool
-    rng: dict[str, Any] = field(default_factory=dict)
+    masks: list[torch.Tensor] = field(default_factory=list)  # the forward's random draws (_RowReplay)
     extras: tuple = ()  # the outputs after the hidden state (not floating tensors)
     tuple_out: bool = False  # the block returns a tuple (hidden state first)
 
-    def run(self, hidden: torch.Tensor, rows: torch.Tensor | None) -> Any:
+    def run(self, hidden: torch.Tensor, rows: torch.Tensor | None, replay: bool) -> Any:
         n = self.args[0].shape[0]
         args, kwargs = (hidden, *self.args[1:]), self.kwargs
         if rows is not None:
@@ -135,7 +143,7 @@ class _Call:
             args = (hidden, *args[1:])
         if not self.training:
             return self.forward(*args, **kwargs)
-        with _RowReplay(n, rows, self.name):
+        with _RowReplay(n, rows, self.name, self.masks, replay):
             return self.forward(*args, **kwargs)
 
 
@@ -153,9 +161,7 @@ class _RowCheckpoint(torch.autograd.Function):
     def forward(ctx, call: _Call, hidden: torch.Tensor, *params: torch.Tensor):
         ctx.call = call
         ctx.save_for_backward(hidden)
-        if call.training:
-            call.rng = _rng_state(hidden.device)
-        out = call.run(hidden, None)
+        out = call.run(hidden, None, replay=False)
         if isinstance(out, torch.Tensor):
             return out
         call.tuple_out, call.extras = True, tuple(out[1:])
@@ -177,10 +183,10 @@ class _RowCheckpoint(torch.autograd.Function):
         outer = engine.current[block]
         engine.current[block] = BlockRows(decided=True)  # the re-run's rows are all kept: no skipping inside
         try:
-            with torch.enable_grad(), _restored_rng(call.rng, hidden.device):
+            with torch.enable_grad():
                 source = hidden.detach().requires_grad_(ctx.needs_input_grad[1])
                 x = source.view_as(source) if index is None else source.index_select(0, index)
-                out = call.run(x, index)
+                out = call.run(x, index, replay=True)
             out = out if isinstance(out, torch.Tensor) else out[0]
             inputs = ([x] if x.requires_grad else []) + call.params
             grads = list(torch.autograd.grad(out, inputs, g, allow_unused=True))
@@ -197,35 +203,6 @@ def _kept_rows(call: _Call, grad: torch.Tensor) -> RowSet | None:
     if call.rows.decided and not call.rows.other_paths:
         return call.rows.rows
     return None  # SampleA has not decided (no sampling above): every row
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-class _restored_rng:
-    """The forward's RNG state for the re-run; the caller's stream is put back afterwards."""
-
-    def __init__(self, state: dict[str, Any], device: torch.device) -> None:
-        self.state, self.device = state, device
-
-    def __enter__(self) -> None:
-        if not self.state:
-            return
-        self.saved = _rng_state(self.device)
-        torch.set_rng_state(self.state["cpu"])
-        if "cuda" in self.state:
-            torch.cuda.set_rng_state(self.state["cuda"], self.device)
-
-    def __exit__(self, *exc: object) -> None:
-        if not self.state:
-            return
-        torch.set_rng_state(self.saved["cpu"])
-        if "cuda" in self.saved:
-            torch.cuda.set_rng_state(self.saved["cuda"], self.device)
 
 
 def _checkpointed_forward(block: nn.Module, name: str, forward: Any, engine: RowEngine, index: int,
