@@ -195,3 +195,47 @@ def test_cli_gradient_checkpointing_trains_exact_and_vcas(tmp_path, monkeypatch,
         assert metrics["steps"] == 4 and math.isfinite(metrics["final_train_loss"])
     log = (out / "vcas-plus" / "train_log.csv").read_text().splitlines()
     assert any(float(row.split(",")[log[0].split(",").index("keep_ratio")]) < 1 for row in log[1:])
+
+
+def _zoo_grads(name: str, checkpoint: bool, rho: float, nu: float) -> list[torch.Tensor]:
+    from test_vcas_zoo import ZOO
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        member = ZOO[name]()
+    model = member.model.double().train()
+    wrapped = wrap(model, member.block, torch.Generator().manual_seed(7), checkpoint=checkpoint)
+    wrapped.engine.rho = [rho] * wrapped.engine.num_blocks
+    for slot in wrapped.engine.linears:
+        slot.nu = nu
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(member.loss_fn(model), params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "swin", "t5"])
+def test_zoo_checkpointed_matches_the_plain_sampled_backward(name, recwarn):
+    """Llama, GPT-2 (HF Conv1D) and Swin (windows: batch x windows inside the block) re-run on their kept
+    rows; T5's blocks pass a position bias that needs a gradient, so they fall back to plain
+    checkpointing with a warning. Either way: the plain sampled backward's gradient at the same seed."""
+    plain = _zoo_grads(name, False, 0.5, 0.5)
+    checkpointed = _zoo_grads(name, True, 0.5, 0.5)
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-9)
+    fell_back = [w for w in recwarn if "checkpointed plainly" in str(w.message)]
+    assert bool(fell_back) == (name == "t5"), [str(w.message) for w in recwarn]
+
+
+def test_hf_checkpointing_switched_on_after_wrapping_is_not_run_twice():
+    """``Trainer.train`` switches HF's checkpointing on after the model was wrapped: the re-run calls the
+    block's own forward, not HF's checkpointing wrapper, so each block still re-runs once."""
+    model = tiny_bert(layers=2)
+    controller = VcasController(model, "BertLayer", VcasConfig(F=1, checkpoint=True))
+    model.activation_checkpointing_enable()
+    calls = []
+    layer = model.bert.encoder.layer[0]
+    layer.attention.register_forward_hook(lambda *a: calls.append(1))
+    controller.engine.rho = [0.5, 0.5]
+    ids = torch.randint(0, 100, (N, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=torch.zeros(N, dtype=torch.long)).loss.backward()
+    assert len(calls) == 2  # the forward without a graph, and one re-run on the kept rows

@@ -23,6 +23,8 @@ split images into windows, ``batch x windows``, image-major), as :mod:`vcas_benc
 from __future__ import annotations
 
 import functools
+import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.checkpoint import checkpoint
 
 from vcas_bench.vcas.autograd import RowEngine
 from vcas_bench.vcas.rowsets import BlockRows, RowSet
@@ -166,8 +169,8 @@ class _RowCheckpoint(torch.autograd.Function):
             return out
         call.tuple_out, call.extras = True, tuple(out[1:])
         if any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tree_flatten(call.extras)[0]):
-            raise CheckpointError(f"VCAS checkpointing: {call.name} returns tensors besides its hidden state "
-                                  "(attention weights, a position bias); they would lose their gradient")
+            raise _NotRowCompact("it returns tensors besides its hidden state (attention weights, a position "
+                                 "bias), whose gradient would bypass the kept rows")
         return out[0]
 
     @staticmethod
@@ -216,17 +219,40 @@ def _checkpointed_forward(block: nn.Module, name: str, forward: Any, engine: Row
     hidden = args[0]
     if not (hidden.requires_grad or params):
         return forward(*args, **kwargs)
-    leaves = tree_flatten((args[1:], kwargs))[0]
-    others = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
-    if others:
-        raise CheckpointError(f"VCAS checkpointing: {name} gets {len(others)} input tensor(s) besides its "
-                              "hidden state that need a gradient (a position bias, encoder states)")
     # Like HF's own checkpointing: no KV cache in a checkpointed block (the re-run would write it twice).
-    kwargs = {k: None if k in _CACHE_ARGS else v for k, v in kwargs.items()}
-    call = _Call(block, name, forward, engine, index, engine.current[index], args, kwargs, params,
-                 block.training)
-    out = _RowCheckpoint.apply(call, hidden, *params)
-    return (out, *call.extras) if call.tuple_out else out
+    kwargs = {k: None if k in _CACHE_ARGS or _is_cache(v) else v for k, v in kwargs.items()}
+    args = tuple(None if _is_cache(v) else v for v in args)
+    if getattr(block, "_vcas_not_row_compact", None) is None:
+        leaves = tree_flatten((args[1:], kwargs))[0]
+        others = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not others:
+            call = _Call(block, name, forward, engine, index, engine.current[index], args, kwargs, params,
+                         block.training)
+            try:
+                out = _RowCheckpoint.apply(call, hidden, *params)
+                return (out, *call.extras) if call.tuple_out else out
+            except _NotRowCompact as reason:
+                _fall_back(block, name, str(reason))
+        else:
+            _fall_back(block, name, f"it gets {len(others)} input tensor(s) besides its hidden state that "
+                       "need a gradient (a position bias, encoder states)")
+    # The safe path: the block's plain sampled backward under ordinary checkpointing.
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def _is_cache(value: Any) -> bool:
+    """An HF KV cache object (passed positionally by some models, GPT-2's blocks)."""
+    return hasattr(value, "get_seq_length") and hasattr(value, "update")
+
+
+class _NotRowCompact(Exception):
+    """A block whose gradient does not all flow through its hidden state (internal: falls back)."""
+
+
+def _fall_back(block: nn.Module, name: str, reason: str) -> None:
+    block._vcas_not_row_compact = reason
+    warnings.warn(f"VCAS checkpointing: {name} is checkpointed plainly (its full forward re-runs), not on "
+                  f"the kept rows only: {reason}", stacklevel=3)
 
 
 def checkpoint_block(block: nn.Module, name: str, engine: RowEngine, index: int) -> None:
@@ -241,9 +267,20 @@ def checkpoint_block(block: nn.Module, name: str, engine: RowEngine, index: int)
         block.gradient_checkpointing = False
     previous = vars(block).get("forward")  # checkpoint_blocks' torch.utils.checkpoint around forward
     block._vcas_previous_forward = previous
-    forward = previous.args[0] if isinstance(previous, functools.partial) and previous.args else block.forward
+    plain = isinstance(previous, functools.partial) and previous.args
+    forward = previous.args[0] if plain else _own_forward(block)
     block.forward = functools.partial(_checkpointed_forward, block, name, forward, engine, index)
     block._vcas_checkpointed = True
+
+
+def _own_forward(block: nn.Module) -> Any:
+    """The block's forward without HF's per-layer checkpointing wrapper, which a trainer may switch on
+    after wrapping (``Trainer.train`` does): the re-run must not be re-run again."""
+    cls_forward = type(block).forward
+    inner = getattr(cls_forward, "__wrapped__", None)
+    if inner is not None and cls_forward.__code__.co_name == "forward_with_checkpointing":
+        return types.MethodType(inner, block)
+    return block.forward
 
 
 def restore_block(block: nn.Module) -> None:
@@ -251,6 +288,8 @@ def restore_block(block: nn.Module) -> None:
     if not getattr(block, "_vcas_checkpointed", False):
         return
     del block.forward, block._vcas_checkpointed
+    if hasattr(block, "_vcas_not_row_compact"):
+        del block._vcas_not_row_compact
     if block._vcas_previous_forward is not None:
         block.forward = block._vcas_previous_forward
     del block._vcas_previous_forward
