@@ -37,7 +37,7 @@ test-full: $(STAMP)  ## the suite including the `slow` tests (tests/README.md li
 tables: $(STAMP)  ## regenerate results/tables/ (paper tables 1-7 with our runs beside them) and plots
 	$(PY) scripts/make_tables.py --results results --out results/tables
 
-bench: $(STAMP)  ## exact vs sampled backward at fixed keep ratios -> results/bench/ (~37 min on 2 cores)
+bench: $(STAMP)  ## exact, sampled and checkpointed steps at fixed keep ratios -> results/bench/ (~39 min on 2 cores)
 	$(PY) scripts/bench_backward.py --out results/bench
 
 lint: $(STAMP)  ## ruff

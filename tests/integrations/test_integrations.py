@@ -164,3 +164,21 @@ def test_lightning_folds_the_scheduled_batch(tmp_path):
     trainer.fit(module, _loader(64))
     _assert_schedule_ran(vcas.controller, steps=4)
     assert "training_step" not in vars(module)
+
+
+def test_hf_trainer_activation_checkpointing_is_row_compact(tmp_path):
+    """``TrainingArguments(activation_checkpointing=True)``: Trainer switches HF's checkpointing on in
+    ``train()``, after VcasTrainer wrapped the model; VCAS's row-compact checkpointing is used from the
+    start, and two optimizer steps (a phase, a sampled step) run."""
+    from transformers import TrainingArguments
+
+    from vcas_bench.integrations.hf import VcasTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8,
+                             learning_rate=1e-3, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+                             activation_checkpointing=True, save_strategy="no")
+    trainer = VcasTrainer(model=tiny_bert(), args=args, train_dataset=TokenRows(32),
+                          vcas_config=VcasConfig.plus(F=1))
+    assert trainer.vcas.wrapped.checkpointed
+    trainer.train()
+    assert trainer.state.global_step == 2 and trainer.vcas.phases >= 1

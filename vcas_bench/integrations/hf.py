@@ -18,6 +18,7 @@ This module imports with torch only; ``transformers`` is imported when ``VcasTra
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -30,6 +31,12 @@ from vcas_bench.vcas.controller import VcasController
 __all__ = ["VcasTrainer", "STATE_FILE"]  # noqa: F822 (VcasTrainer: built on first use)
 
 STATE_FILE = "vcas_state_rank{rank}.pt"
+
+
+def _wants_checkpointing(args: Any) -> bool:
+    """Whether ``TrainingArguments`` ask for activation checkpointing (either name of the flag)."""
+    names = ("activation_checkpointing", "gradient_checkpointing")
+    return any(bool(getattr(args, name, False)) for name in names)
 
 
 def _trainer_class() -> type:
@@ -60,6 +67,9 @@ def _trainer_class() -> type:
             self.model_accepts_loss_kwargs = False  # every micro-batch's loss is its own mean
             base_seed = (vcas_config or VcasConfig()).seed
             config = seeded_for_rank(vcas_config, self.args.process_index)
+            if config.checkpoint is None and _wants_checkpointing(self.args):
+                # Trainer.train switches HF's checkpointing on only later: make VCAS's row-compact now.
+                config = dataclasses.replace(config, checkpoint=True)
             reduce_fn = ddp_mean if self.args.world_size > 1 else None
             self.vcas = VcasController(self.model, vcas_block_type, config, reduce_fn)
             self._vcas_extra_dataset = vcas_extra_dataset
