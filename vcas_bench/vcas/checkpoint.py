@@ -124,7 +124,6 @@ class _RowReplay(TorchDispatchMode):
 class _Call:
     """One forward call of a checkpointed block: what its re-run needs."""
 
-    block: nn.Module
     name: str
     forward: Any  # the block's own forward (unbound from the patch)
     engine: RowEngine
@@ -177,7 +176,7 @@ class _RowCheckpoint(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         call: _Call = ctx.call
         (hidden,) = ctx.saved_tensors
-        rows = _kept_rows(call, grad)
+        rows = _kept_rows(call)
         index = None if rows is None else rows.rows
         # A non-leaf input: module trackers (FlopCounterMode's) hook the inputs of the re-run's modules,
         # which autograd.grad refuses on leaves.
@@ -201,7 +200,7 @@ class _RowCheckpoint(torch.autograd.Function):
         return None, grad_x, *grads
 
 
-def _kept_rows(call: _Call, grad: torch.Tensor) -> RowSet | None:
+def _kept_rows(call: _Call) -> RowSet | None:
     """The rows to re-run: those the block's SampleA kept (``None``: all of them)."""
     if call.rows.decided and not call.rows.other_paths:
         return call.rows.rows
@@ -226,7 +225,7 @@ def _checkpointed_forward(block: nn.Module, name: str, forward: Any, engine: Row
         leaves = tree_flatten((args[1:], kwargs))[0]
         others = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
         if not others:
-            call = _Call(block, name, forward, engine, index, engine.current[index], args, kwargs, params,
+            call = _Call(name, forward, engine, index, engine.current[index], args, kwargs, params,
                          block.training)
             try:
                 out = _RowCheckpoint.apply(call, hidden, *params)
